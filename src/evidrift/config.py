@@ -1,0 +1,266 @@
+"""study.yaml as pydantic models (DESIGN § 2).
+
+``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
+whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
+errors too (a typo must not be silently ignored). ``resolved_dict(config)`` is the canonical form written to
+``run/config.yaml`` and hashed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evidrift.artifacts import config_hash
+
+DEFAULT_EXPLAIN_METHODS = ["gradcam++", "layercam", "gradcam", "xgradcam"]
+
+
+class ConfigError(ValueError):
+    """A study file that cannot be used; the message names the file, the keys and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhantomConfig(Section):
+    """The embedded procedural chest X-ray set (DESIGN § 9)."""
+
+    n: Annotated[int, Field(ge=10, description="number of images (balanced over the five classes)")] = 500
+    size: Annotated[int, Field(ge=32, le=2048, description="image side in pixels")] = 256
+    seed: int = 0
+    shortcut_marker: Annotated[
+        float, Field(ge=0.0, le=1.0, description="probability that an image carries its class's text marker")
+    ] = 0.0
+    n_source: Annotated[int, Field(ge=0, description="images of the stage-0 `source` set")] = 800
+
+
+class SplitConfig(Section):
+    """Seeded stratified split fractions (grouped by patient_id when present); train gets the rest."""
+
+    val: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.15
+    test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test = {self.val + self.test:g} must be < 1 so that train is not empty")
+        return self
+
+
+class DataConfig(Section):
+    """Where images come from. ``source``: ``phantom`` (generated into the run), ``folder`` (one sub-folder
+    per class under ``path``) or ``csv`` (a manifest with columns ``path,label`` and optional ``split``,
+    ``patient_id``, ``mask``, ``x0,y0,x1,y1``; paths relative to the CSV)."""
+
+    source: Literal["phantom", "folder", "csv"] = "phantom"
+    path: Path | None = None
+    classes: list[str] | None = None
+    phantom: PhantomConfig = PhantomConfig()
+    split: SplitConfig = SplitConfig()
+    on_bad_image: Literal["error", "skip"] = "error"
+    resize: Literal["pad", "crop"] = "pad"
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> DataConfig:
+        if self.source != "phantom" and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class HeadConfig(Section):
+    """Classifier head: ``linear`` (``bias`` on/off) or ``mlp2``/``mlp3`` (``hidden`` wide, BN + ReLU)."""
+
+    type: Literal["linear", "mlp2", "mlp3"] = "linear"
+    bias: bool = True
+    hidden: Annotated[int, Field(ge=1)] = 256
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class ModelConfig(Section):
+    """One architecture of the study. ``arch``: an alias (densenet201, resnet50v2, inceptionv3) or any timm
+    name. ``weights``: ``none`` (stage 0 pretraining on the phantom source set), ``imagenet`` (timm hub), or a
+    local ``.safetensors``/``.pth`` file. ``cam_layers``: ``default``, ``auto`` or dotted module names."""
+
+    arch: str
+    weights: str = "none"
+    image_size: Annotated[int, Field(ge=16, le=1024)] | None = None
+    head: HeadConfig = HeadConfig()
+    cam_layers: list[str] = ["default"]
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Name used in run paths and tables (``name`` if given, else ``arch``)."""
+        return self.name or self.arch
+
+
+class StageConfig(Section):
+    """Optimisation of one training stage (warm-up + cosine schedule, early stopping on ``monitor``)."""
+
+    epochs: Annotated[int, Field(ge=0)] = 10
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    patience: Annotated[int, Field(ge=1)] | None = 5
+    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_macro_auroc"] = "val_macro_f1"
+    grad_clip: Annotated[float, Field(gt=0)] | None = 5.0
+    cache_features: bool = False
+    image_size: Annotated[int, Field(ge=16, le=1024)] | None = None
+    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
+
+
+class TrainConfig(Section):
+    """The protocol (DESIGN § 4): stage 0 only without pretrained weights, stage 1 frozen, stage 2 full."""
+
+    loss: Literal["ce", "bce"] = "ce"
+    device: str = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    deterministic: bool = True
+    stage0: StageConfig = StageConfig(epochs=8, lr=2e-3, monitor="val_accuracy", batch_size=32)
+    stage1: StageConfig = StageConfig(epochs=10, lr=3e-3, cache_features=True)
+    stage2: StageConfig = StageConfig(epochs=6, lr=3e-4)
+
+
+class ExplainConfig(Section):
+    """Which maps are computed: methods (see ``evidrift.cam``), samples (``tp_both`` = test images correctly
+    classified at both stages, ``tp_any``, ``all``), target class (``label`` or ``prediction``), score
+    (``logit`` or ``softmax``)."""
+
+    methods: list[str] = DEFAULT_EXPLAIN_METHODS
+    samples: Literal["tp_both", "tp_any", "all"] = "tp_both"
+    target: Literal["label", "prediction"] = "label"
+    score: Literal["logit", "softmax"] = "logit"
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    max_images: Annotated[int, Field(ge=1)] | None = None
+    shard_size: Annotated[int, Field(ge=1)] = 256
+
+
+class DriftConfig(Section):
+    """Reference-free drift metrics (DESIGN § 6). ``metrics``: ``all`` or names; ``size``: analysis side in
+    pixels (null = the model's input size); ``zone_grid``: [rows, columns]; ``topk``: fractions for @k."""
+
+    metrics: list[str] | Literal["all"] = "all"
+    size: Annotated[int, Field(ge=8, le=1024)] | None = None
+    zone_grid: tuple[int, int] = (3, 2)
+    topk: list[Annotated[float, Field(gt=0, lt=1)]] = [0.05, 0.10, 0.20, 0.30]
+
+
+class StatsConfig(Section):
+    """Statistics (DESIGN § 7): seeded percentile bootstrap, Wilcoxon with Holm correction at ``alpha``."""
+
+    n_boot: Annotated[int, Field(ge=100)] = 2000
+    ci: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    seed: int = 0
+
+
+class ReportConfig(Section):
+    """The HTML report: ``examples`` overlays per (arch, method) for typical and most-drifted images."""
+
+    enabled: bool = True
+    examples: Annotated[int, Field(ge=0, le=32)] = 3
+    title: str = "evidrift study"
+
+
+class OutputConfig(Section):
+    dir: Path = Path("runs/study")
+
+
+class StudyConfig(Section):
+    """A whole study (study.yaml)."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    models: Annotated[list[ModelConfig], Field(min_length=1)] = [
+        ModelConfig(arch="densenet201"),
+        ModelConfig(arch="resnet50v2"),
+        ModelConfig(arch="inceptionv3"),
+    ]
+    train: TrainConfig = TrainConfig()
+    explain: ExplainConfig = ExplainConfig()
+    drift: DriftConfig = DriftConfig()
+    stats: StatsConfig = StatsConfig()
+    report: ReportConfig = ReportConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_keys(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        keys = [m.key for m in models]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"models listed twice: {duplicated}; give each a distinct `name`")
+        return models
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    given = error.get("input")
+    message = error["msg"]
+    allowed = (error.get("ctx") or {}).get("expected")
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key (check the spelling; see `evidrift validate --help` for the keys)"
+    text = f"{location}: {message}"
+    if allowed:
+        text += f" (allowed: {allowed})"
+    if given is not None and not isinstance(given, dict | list):
+        text += f"; got {given!r}"
+    return text
+
+
+def parse_config(raw: dict[str, Any] | None, source: str = "<dict>") -> StudyConfig:
+    """Validate a mapping; raises ``ConfigError`` listing every wrong key of ``source``."""
+    try:
+        return StudyConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe_error(e)}" for e in exc.errors())
+        raise ConfigError(f"{source} is not a valid study file:\n{lines}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> StudyConfig:
+    """Read and validate a study YAML file. Relative ``data.path`` and ``output.dir`` are resolved against
+    the file's folder. Raises ``ConfigError`` naming the file (missing, not YAML, or invalid keys)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"study file {file} does not exist; see examples/study.yaml for a template")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{file} must hold a mapping of sections (data, models, train, ...), got {type(raw).__name__}")
+    config = parse_config(raw, str(file))
+    base = file.resolve().parent
+    if config.data.path is not None and not config.data.path.is_absolute():
+        config.data.path = base / config.data.path
+    if not config.output.dir.is_absolute():
+        config.output.dir = base / config.output.dir
+    return config
+
+
+def resolved_dict(config: StudyConfig) -> dict[str, Any]:
+    """The config as plain JSON-able data (defaults filled in), the form written to run/config.yaml."""
+    return config.model_dump(mode="json")
+
+
+def study_hash(config: StudyConfig) -> str:
+    """Hash of the resolved config without ``output`` (moving a run directory keeps its hash)."""
+    resolved = resolved_dict(config)
+    resolved.pop("output", None)
+    return config_hash(resolved)
+
+
+def dump_yaml(config: StudyConfig) -> str:
+    """The resolved config as YAML text, with its hash as the first key."""
+    return yaml.safe_dump({"config_hash": study_hash(config), **resolved_dict(config)}, sort_keys=False)
