@@ -268,5 +268,6 @@ def stored_methods(paths: RunPaths, arch: str, stage: int | str) -> list[str]:
     names = set()
     for shard in folder.glob(f"*.part*{MAPS_SHARD_SUFFIX}"):
         if not shard.name.startswith(".tmp-"):
-            names.add(read_maps_shard(shard)[2].get("method", shard.name.split(".part")[0]))
+            with safe_open(str(shard), framework="pt") as handle:
+                names.add((handle.metadata() or {}).get("method", shard.name.split(".part")[0]))
     return sorted(names)

@@ -177,6 +177,52 @@ class OutputConfig(Section):
     dir: Path = Path("runs/study")
 
 
+# --- probe / sanity (issue 7) --------------------------------------------------------------------------------
+ProbeHead = Literal["linear", "linear_nobias", "mlp2", "mlp3"]
+
+
+class ProbeConfig(Section):
+    """Head probing study ("How to Probe"): on a frozen backbone, one head per ``losses`` × ``heads`` variant
+    (same ``epochs``/``lr``/``batch_size``/``seed``), explained with ``methods``. GridPG grids (n × n for n in
+    ``grids``, ``n_grids`` of each) are built from test images every variant classifies correctly with
+    probability ≥ ``confidence``; maps are smoothed by a ``smoothing`` × ``smoothing`` average pool (1 = none)
+    before GridPG. ``max_images`` caps the test images explained against the lesion masks (null = all)."""
+
+    losses: Annotated[list[Literal["ce", "bce"]], Field(min_length=1)] = ["ce", "bce"]
+    heads: Annotated[list[ProbeHead], Field(min_length=1)] = ["linear", "linear_nobias", "mlp2", "mlp3"]
+    hidden: Annotated[int, Field(ge=1)] = 256
+    epochs: Annotated[int, Field(ge=1)] = 30
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    methods: Annotated[list[str], Field(min_length=1)] = DEFAULT_EXPLAIN_METHODS
+    confidence: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.95
+    grids: Annotated[list[Annotated[int, Field(ge=2, le=8)]], Field(min_length=1)] = [2, 3]
+    n_grids: Annotated[int, Field(ge=1)] = 50
+    smoothing: Annotated[int, Field(ge=1, le=31)] = 5
+    max_images: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+
+    @field_validator("smoothing")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"probe.smoothing must be an odd kernel size (1 = no smoothing), got {value}")
+        return value
+
+
+class SanityConfig(Section):
+    """Parameter-randomization sanity checks: ``mode`` ``cascading`` (from the head down, block by block),
+    ``independent`` (one block at a time) or ``both``; ``n_images`` test images explained with ``methods``;
+    HOG features with ``hog_cell`` × ``hog_cell``-pixel cells."""
+
+    methods: Annotated[list[str], Field(min_length=1)] = DEFAULT_EXPLAIN_METHODS
+    mode: Literal["cascading", "independent", "both"] = "both"
+    n_images: Annotated[int, Field(ge=2)] = 16
+    hog_cell: Annotated[int, Field(ge=4)] = 16
+    seed: int = 0
+
+
 class StudyConfig(Section):
     """A whole study (study.yaml)."""
 
@@ -193,6 +239,8 @@ class StudyConfig(Section):
     stats: StatsConfig = StatsConfig()
     report: ReportConfig = ReportConfig()
     output: OutputConfig = OutputConfig()
+    probe: ProbeConfig = ProbeConfig()
+    sanity: SanityConfig = SanityConfig()
 
     @field_validator("models")
     @classmethod

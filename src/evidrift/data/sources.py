@@ -1,0 +1,522 @@
+"""Where images come from: the phantom set, class folders or a CSV manifest → one checked manifest (DESIGN § 3).
+
+``prepare_data(config, paths)`` turns ``config.data`` into ``run/data/manifest.parquet`` (written atomically)
+and ``run/data/classes.json`` (the class names in label-index order, a JSON list). Manifest columns:
+
+========== =================================================================================================
+id         str, unique: the file stem, or the path relative to the data root (without suffix) when stems
+           collide
+path       str, absolute path of the image
+label      str, one of the classes;  label_idx: int64, its index in ``classes``
+split      "train" | "val" | "test" (given by the CSV's ``split`` column, else seeded stratified split,
+           grouped by ``patient_id`` when present: no patient is in two splits)
+patient_id str or None
+mask_path  str (absolute) or None: the lesion mask, same size as the image
+bbox       str, a JSON list of boxes [[x0, y0, x1, y1], ...] in pixels, or None
+status     "ok" or "skipped: <reason>" (unreadable image with ``on_bad_image: skip``)
+========== =================================================================================================
+
+Extra columns of a CSV manifest (e.g. the phantom set's ``marker``) are kept after these.
+
+Checks run before any training; each failure raises ``ManifestError`` naming the file or the CSV row and the
+fix: missing file, unknown label (vs ``data.classes``), empty class, duplicate path, invalid split value,
+patient in two splits, bad box, mask missing / unreadable / of the wrong size. Unreadable or corrupt images
+raise (``on_bad_image: error``) or are kept with status ``skipped: <reason>``, logged and counted (``skip``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from evidrift.artifacts import RunPaths, write_json_atomic, write_parquet_atomic
+from evidrift.data.phantom import (
+    CLASSES as PHANTOM_CLASSES,
+)
+from evidrift.data.phantom import (
+    SOURCE_CLASSES,
+    generate_phantom_set,
+    generate_source_set,
+    generated_set_matches,
+    phantom_params,
+)
+from evidrift.data.readers import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask
+
+if TYPE_CHECKING:
+    from evidrift.config import StudyConfig
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "id",
+    "path",
+    "label",
+    "label_idx",
+    "split",
+    "patient_id",
+    "mask_path",
+    "bbox",
+    "status",
+)
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}  # fmt: skip
+_BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+_CSV_KNOWN = {"path", "label", "split", "patient_id", "mask", *_BOX_COLUMNS}
+_MAX_LISTED = 8
+
+
+class ManifestError(ValueError):
+    """A data source that cannot be used; the message names the file or row and how to fix it."""
+
+
+# --- public entry points --------------------------------------------------------------------------------------
+def prepare_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
+    """Build, check and write the target manifest of ``config.data``; returns it (all rows, skipped included).
+
+    ``phantom``: generates the set into ``run/data/phantoms`` (reused when present with the same parameters)
+    and reads its manifest.csv. ``folder``: one sub-folder per class under ``data.path``. ``csv``: the manifest
+    at ``data.path``. Writes ``run/data/manifest.parquet`` and ``run/data/classes.json``.
+    """
+    data = config.data
+    if data.source == "phantom":
+        phantom = data.phantom
+        out = paths.data_dir / "phantoms"
+        params = phantom_params(phantom.n, phantom.size, phantom.seed, phantom.shortcut_marker)
+        if generated_set_matches(out, params):
+            logger.info("reusing the phantom set in %s", out)
+        else:
+            generate_phantom_set(out, phantom.n, phantom.size, phantom.seed, phantom.shortcut_marker)
+        raw, origin = read_csv_manifest(out / "manifest.csv")
+        classes = list(data.classes) if data.classes else list(PHANTOM_CLASSES)
+        root = out
+    elif data.source == "folder":
+        assert data.path is not None  # enforced by DataConfig
+        raw = scan_class_folders(data.path, data.classes)
+        origin, root = str(data.path), Path(data.path)
+        classes = list(data.classes) if data.classes else sorted(raw["label"].unique().tolist())
+    else:
+        assert data.path is not None
+        raw, origin = read_csv_manifest(data.path)
+        root = Path(data.path).parent
+        classes = list(data.classes) if data.classes else sorted(raw["label"].dropna().unique().tolist())
+    frame = build_manifest(
+        raw,
+        root=root,
+        classes=classes,
+        origin=origin,
+        val=data.split.val,
+        test=data.split.test,
+        seed=data.split.seed,
+        on_bad_image=data.on_bad_image,
+    )
+    _write(paths.data_dir, frame, classes)
+    return frame
+
+
+def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
+    """Generate (or reuse) the stage-0 source set under ``run/data/source`` (``data.phantom.n_source`` images
+    of ``SOURCE_CLASSES`` at ``data.phantom.size``), split it like the target data and write its manifest
+    (``run/data/source/manifest.parquet`` + ``classes.json``, same columns). Returns the manifest."""
+    phantom = config.data.phantom
+    if phantom.n_source < len(SOURCE_CLASSES):
+        raise ManifestError(
+            f"data.phantom.n_source = {phantom.n_source} is too small for stage-0 pretraining; set it to at least "
+            f"{len(SOURCE_CLASSES)} (one image per source class), e.g. 800"
+        )
+    out = paths.data_dir / "source"
+    params = phantom_params(phantom.n_source, phantom.size, phantom.seed, kind="source")
+    if generated_set_matches(out, params):
+        logger.info("reusing the source set in %s", out)
+    else:
+        generate_source_set(out, phantom.n_source, phantom.size, phantom.seed)
+    raw, origin = read_csv_manifest(out / "manifest.csv")
+    classes = list(SOURCE_CLASSES)
+    frame = build_manifest(
+        raw,
+        root=out,
+        classes=classes,
+        origin=origin,
+        val=config.data.split.val if config.data.split.val > 0 else 0.15,
+        test=config.data.split.test,
+        seed=config.data.split.seed,
+        on_bad_image="error",
+    )
+    _write(out, frame, classes)
+    return frame
+
+
+def load_manifest(paths: RunPaths, source: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Read a written manifest and its classes: the target one, or the stage-0 one with ``source=True``.
+
+    Raises ``ManifestError`` naming the missing file (run ``evidrift run`` / ``prepare_data`` first)."""
+    folder = paths.data_dir / "source" if source else paths.data_dir
+    manifest, classes_file = folder / "manifest.parquet", folder / "classes.json"
+    for file in (manifest, classes_file):
+        if not file.is_file():
+            raise ManifestError(f"{file} does not exist; prepare the data first (evidrift run study.yaml)")
+    frame = pd.read_parquet(manifest)
+    classes = json.loads(classes_file.read_text(encoding="utf-8"))
+    return frame, list(classes)
+
+
+# --- reading sources ------------------------------------------------------------------------------------------
+def scan_class_folders(root: str | os.PathLike[str], classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per image file under ``root/{class}/`` (recursively; hidden files ignored).
+
+    Columns path (relative to ``root``), label, where. With ``classes`` given, a sub-folder not in it is an
+    unknown label and a class without a folder (or without images) is an empty class."""
+    base = Path(root)
+    if not base.is_dir():
+        raise ManifestError(f"data.path {base} is not a folder; point it at a folder with one sub-folder per class")
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ManifestError(f"{base} has no sub-folders; put the images of each class in {base}/<class name>/")
+    names = [p.name for p in folders]
+    if classes is not None:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise ManifestError(
+                f"{base}: sub-folder(s) {unknown} are not in data.classes {list(classes)}; add them to data.classes "
+                "or move them out of the data folder"
+            )
+    rows = []
+    for folder in folders:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({"path": file.relative_to(base).as_posix(), "label": folder.name, "where": str(file)})
+    wanted = list(classes) if classes is not None else names
+    counts = {name: sum(r["label"] == name for r in rows) for name in wanted}
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise ManifestError(
+            f"{base}: class(es) {empty} have no images (looked for {sorted(IMAGE_SUFFIXES)} in {base}/<class>/); "
+            "add images or remove the class from data.classes / the empty folder"
+        )
+    return pd.DataFrame(rows, columns=["path", "label", "where"])
+
+
+def read_csv_manifest(csv: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
+    """Read a CSV manifest (columns path, label; optional split, patient_id, mask, x0, y0, x1, y1).
+
+    Returns (table with a ``where`` column "FILE line N", the file name). Raises ``ManifestError`` for a
+    missing or unparsable file or missing columns."""
+    file = Path(csv)
+    if not file.is_file():
+        raise ManifestError(f"CSV manifest {file} does not exist; set data.path to the CSV file")
+    try:
+        table = pd.read_csv(file, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise ManifestError(f"{file} cannot be parsed as CSV ({exc}); it needs a header line `path,label`") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in ("path", "label") if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"{file}: missing column(s) {missing} (found {list(table.columns)}); the header needs at least `path,label`"
+        )
+    table = table.map(lambda value: value.strip() if isinstance(value, str) else value)
+    table["where"] = [f"{file} line {i + 2}" for i in range(len(table))]
+    return table, str(file)
+
+
+# --- building and checking ------------------------------------------------------------------------------------
+def build_manifest(
+    raw: pd.DataFrame,
+    root: str | os.PathLike[str],
+    classes: Sequence[str],
+    origin: str,
+    val: float,
+    test: float,
+    seed: int,
+    on_bad_image: str = "error",
+    decode_workers: int = 4,
+) -> pd.DataFrame:
+    """Check ``raw`` rows (path/label[/split/patient_id/mask/x0..y1], paths relative to ``root``) and return
+    the manifest (``MANIFEST_COLUMNS`` then extra columns). Raises ``ManifestError`` (see the module doc)."""
+    base = Path(root)
+    table = raw.copy().reset_index(drop=True)
+    if "where" not in table.columns:
+        table["where"] = [f"{origin} row {i + 1}" for i in range(len(table))]
+    classes = list(classes)
+    if not classes:
+        raise ManifestError(f"{origin}: no classes found; list them in data.classes or add labelled images")
+    if len(set(classes)) != len(classes):
+        raise ManifestError(f"data.classes lists a class twice: {classes}")
+    if table.empty:
+        raise ManifestError(f"{origin}: no images listed")
+
+    blank = [w for w, p, lab in zip(table["where"], table["path"], table["label"], strict=True) if not p or not lab]
+    _raise_if(blank, f"{origin}: empty path or label", "fill in both the path and the label of each row")
+
+    unknown = [f"{w}: label {lab!r}" for w, lab in zip(table["where"], table["label"], strict=True) if lab not in classes]
+    _raise_if(unknown, f"{origin}: labels not in the classes {classes}", "correct the label or add it to data.classes")
+
+    counts = table["label"].value_counts()
+    empty = [c for c in classes if counts.get(c, 0) == 0]
+    if empty:
+        raise ManifestError(
+            f"{origin}: class(es) {empty} have no images; add images of them or remove them from data.classes"
+        )
+
+    table["abs_path"] = [_resolve(base, p) for p in table["path"]]
+    duplicated = table["abs_path"].duplicated(keep=False)
+    if duplicated.any():
+        groups = table[duplicated].groupby("abs_path")["where"].apply(list)
+        listed = [f"{path} in {', '.join(where)}" for path, where in groups.items()]
+        _raise_if(listed, f"{origin}: the same image is listed more than once", "keep one row per image")
+
+    missing = [f"{w}: {p}" for w, p in zip(table["where"], table["abs_path"], strict=True) if not Path(p).is_file()]
+    _raise_if(missing, f"{origin}: image files not found", "fix the path (relative to the CSV's folder) or remove the row")
+
+    splits = _given_splits(table, origin)
+    patients = _patient_ids(table)
+    table["bbox"] = _boxes(table, origin)
+    mask_paths = _mask_paths(table, base, origin)
+
+    # decode every image once: corrupt files and mask sizes are found before any training
+    statuses: list[str] = []
+    problems: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
+        shapes = list(pool.map(_try_shape, table["abs_path"]))
+    bad = [(w, p, s) for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True) if isinstance(s, str)]
+    if bad and on_bad_image == "error":
+        _raise_if(
+            [f"{w}: {reason}" for w, _, reason in bad],
+            f"{origin}: unreadable images",
+            "replace or remove these files, or set data.on_bad_image: skip to leave them out",
+        )
+    for where, path, shape, mask_path, box in zip(
+        table["where"], table["abs_path"], shapes, mask_paths, table["bbox"], strict=True
+    ):
+        if isinstance(shape, str):
+            statuses.append(f"skipped: {shape}")
+            logger.warning("skipping %s (%s): %s", path, where, shape)
+            continue
+        statuses.append("ok")
+        if mask_path is not None:
+            try:
+                mask_shape = read_mask(mask_path).shape
+            except ImageReadError as exc:
+                problems.append(f"{where}: mask {mask_path} cannot be read ({exc})")
+                continue
+            if mask_shape != shape:
+                problems.append(
+                    f"{where}: mask {mask_path} is {mask_shape[1]}x{mask_shape[0]} (WxH) but the image is "
+                    f"{shape[1]}x{shape[0]}; masks must have the image's size (re-export the mask)"
+                )
+        if box is not None:
+            height, width = shape
+            for x0, y0, x1, y1 in json.loads(box):
+                if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                    problems.append(
+                        f"{where}: box [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image; "
+                        "boxes are pixel coordinates x0,y0,x1,y1 within the image"
+                    )
+    _raise_if(problems, f"{origin}: masks or boxes do not fit their images", "see each line")
+    skipped = sum(s != "ok" for s in statuses)
+    if skipped:
+        logger.warning("%d of %d images skipped as unreadable (on_bad_image: skip)", skipped, len(statuses))
+
+    if splits is None:
+        splits = assign_splits(table["label"].tolist(), patients, val=val, test=test, seed=seed)
+
+    frame = pd.DataFrame(
+        {
+            "id": _ids(table, base),
+            "path": table["abs_path"],
+            "label": table["label"],
+            "label_idx": np.array([classes.index(lab) for lab in table["label"]], dtype=np.int64),
+            "split": list(splits),
+            "patient_id": patients,
+            "mask_path": mask_paths,
+            "bbox": table["bbox"],
+            "status": statuses,
+        }
+    )
+    extra = [c for c in table.columns if c not in _CSV_KNOWN and c not in {"where", "abs_path", "bbox"}]
+    for column in extra:
+        if column not in frame.columns:
+            frame[column] = table[column].to_numpy()
+    return frame
+
+
+def assign_splits(
+    labels: Sequence[str], groups: Sequence[str | None] | None, val: float, test: float, seed: int
+) -> list[str]:
+    """Seeded stratified split of rows into train/val/test, grouped: rows sharing a group (patient) get the
+    same split. Rows whose group is None are their own group.
+
+    Per class, the target counts of val and test are round(fraction × class size) (largest remainders so the
+    three add up); groups are taken largest first (ties in a seeded random order) and each goes to the split
+    whose per-class deficit, weighted by the group's label counts, is largest. Without groups this hits the
+    targets exactly. Returns one split name per row."""
+    labels = list(labels)
+    n = len(labels)
+    if n == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    group_keys = [
+        (f"g:{g}" if g is not None else f"row:{i}") for i, g in enumerate(groups if groups is not None else [None] * n)
+    ]
+    class_names = sorted(set(labels))
+    class_index = {c: k for k, c in enumerate(class_names)}
+    fractions = np.array([1.0 - val - test, val, test])
+    class_counts = np.bincount([class_index[lab] for lab in labels], minlength=len(class_names))
+    targets = np.zeros((3, len(class_names)))
+    for k, count in enumerate(class_counts):
+        targets[:, k] = _largest_remainder(count, fractions)
+
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(group_keys):
+        members.setdefault(key, []).append(i)
+    keys = list(members)
+    order = rng.permutation(len(keys))
+    keys = [keys[j] for j in order]
+    keys.sort(key=lambda key: -len(members[key]))  # stable: ties keep the seeded order
+
+    current = np.zeros_like(targets)
+    allowed = fractions > 0
+    result = [""] * n
+    for key in keys:
+        counts = np.bincount([class_index[labels[i]] for i in members[key]], minlength=len(class_names))
+        deficit = ((targets - current) * counts[None, :]).sum(axis=1) / max(counts.sum(), 1)
+        deficit[~allowed] = -np.inf
+        choice = int(np.argmax(deficit))
+        current[choice] += counts
+        for i in members[key]:
+            result[i] = SPLITS[choice]
+    return result
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+def _largest_remainder(count: int, fractions: np.ndarray) -> np.ndarray:
+    raw = fractions * count
+    base = np.floor(raw)
+    left = int(count - base.sum())
+    if left > 0:
+        order = np.argsort(-(raw - base), kind="stable")
+        base[order[:left]] += 1
+    return base
+
+
+def _raise_if(items: list[str], title: str, fix: str) -> None:
+    if not items:
+        return
+    shown = "\n".join(f"  - {item}" for item in items[:_MAX_LISTED])
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    raise ManifestError(f"{title} ({len(items)}):\n{shown}{more}\nfix: {fix}")
+
+
+def _resolve(base: Path, path: str) -> str:
+    candidate = Path(os.path.expanduser(path))
+    return str((candidate if candidate.is_absolute() else base / candidate).resolve())
+
+
+def _try_shape(path: str) -> tuple[int, int] | str:
+    """(H, W) of a readable image, or the reason it cannot be read."""
+    try:
+        image = read_image(path)
+    except ImageReadError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def _given_splits(table: pd.DataFrame, origin: str) -> list[str] | None:
+    if "split" not in table.columns:
+        return None
+    values = [str(v).lower() for v in table["split"]]
+    if all(v == "" for v in values):
+        return None
+    wrong = [f"{w}: split {v!r}" for w, v in zip(table["where"], values, strict=True) if v not in _SPLIT_ALIASES]
+    _raise_if(wrong, f"{origin}: invalid split values", "use train, val or test on every row (or drop the column)")
+    splits = [_SPLIT_ALIASES[v] for v in values]
+    if "patient_id" in table.columns:
+        seen: dict[str, set[str]] = {}
+        for patient, split in zip(table["patient_id"], splits, strict=True):
+            if patient:
+                seen.setdefault(patient, set()).add(split)
+        leaks = [f"patient {p!r} in {sorted(s)}" for p, s in seen.items() if len(s) > 1]
+        _raise_if(leaks, f"{origin}: patients in more than one split", "give all images of a patient the same split")
+    return splits
+
+
+def _patient_ids(table: pd.DataFrame) -> list[str | None]:
+    if "patient_id" not in table.columns:
+        return [None] * len(table)
+    return [str(p) if p else None for p in table["patient_id"]]
+
+
+def _boxes(table: pd.DataFrame, origin: str) -> list[str | None]:
+    present = [c for c in _BOX_COLUMNS if c in table.columns]
+    if not present:
+        return [None] * len(table)
+    if len(present) != len(_BOX_COLUMNS):
+        raise ManifestError(
+            f"{origin}: box columns {present} given without {[c for c in _BOX_COLUMNS if c not in present]}; "
+            "boxes need all of x0,y0,x1,y1"
+        )
+    boxes: list[str | None] = []
+    problems: list[str] = []
+    for where, *cells in zip(table["where"], *(table[c] for c in _BOX_COLUMNS), strict=True):
+        if all(cell == "" for cell in cells):
+            boxes.append(None)
+            continue
+        try:
+            x0, y0, x1, y1 = (float(cell) for cell in cells)
+        except ValueError:
+            problems.append(f"{where}: box {cells} is not four numbers")
+            boxes.append(None)
+            continue
+        if not (x1 > x0 and y1 > y0):
+            problems.append(f"{where}: box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] needs x1 > x0 and y1 > y0")
+        values = [int(v) if float(v).is_integer() else v for v in (x0, y0, x1, y1)]
+        boxes.append(json.dumps([values]))
+    _raise_if(problems, f"{origin}: invalid boxes", "give x0,y0,x1,y1 in pixels (or leave all four empty)")
+    return boxes
+
+
+def _mask_paths(table: pd.DataFrame, base: Path, origin: str) -> list[str | None]:
+    if "mask" not in table.columns:
+        return [None] * len(table)
+    paths: list[str | None] = [_resolve(base, m) if m else None for m in table["mask"]]
+    missing = [f"{w}: {m}" for w, m in zip(table["where"], paths, strict=True) if m is not None and not Path(m).is_file()]
+    _raise_if(missing, f"{origin}: mask files not found", "fix the mask path (relative to the CSV's folder) or leave it empty")
+    return paths
+
+
+def _ids(table: pd.DataFrame, base: Path) -> list[str]:
+    stems = [Path(p).stem for p in table["abs_path"]]
+    if len(set(stems)) == len(stems):
+        return stems
+    ids = []
+    for path in table["abs_path"]:
+        candidate = Path(path)
+        try:
+            ids.append(candidate.relative_to(base.resolve()).with_suffix("").as_posix())
+        except ValueError:
+            ids.append(candidate.with_suffix("").as_posix())
+    return ids
+
+
+def _write(folder: Path, frame: pd.DataFrame, classes: list[str]) -> None:
+    write_parquet_atomic(folder / "manifest.parquet", frame)
+    write_json_atomic(folder / "classes.json", list(classes))
+
+
+def summarize(frame: pd.DataFrame) -> dict[str, Any]:
+    """Counts per split and label, and the number of skipped images (for logs and the report)."""
+    ok = frame[frame["status"] == "ok"]
+    return {
+        "n": len(frame),
+        "skipped": int((frame["status"] != "ok").sum()),
+        "per_split": {s: int((ok["split"] == s).sum()) for s in SPLITS},
+        "per_label": {str(k): int(v) for k, v in ok["label"].value_counts().sort_index().items()},
+    }

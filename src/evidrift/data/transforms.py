@@ -1,0 +1,153 @@
+"""Image [H, W] in [0, 1] → model input [3, S, S] (DESIGN § 2): resize, light augmentation, 3 channels, normalize.
+
+Resizing keeps the aspect ratio: ``pad`` scales the longer side to S and pads the shorter one symmetrically
+with 0 (black, like the air around a radiograph); ``crop`` scales the shorter side to S and cuts the centre.
+Training augmentation (``augment=True``) is a small random affine map (rotation ±``max_rotation`` degrees,
+scale ×[1 − s, 1 + s], translation ±``max_translate`` of the side) applied with the *same* sampling grid to the
+image (bilinear) and its mask (nearest), then brightness (±``max_brightness``) and contrast
+(×[1 − c, 1 + c] about the image mean) on the image only. All random numbers come from the given
+``torch.Generator``, so an augmentation is reproducible by seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[H, W] array or tensor → float32 tensor [1, 1, H, W]."""
+    tensor = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
+    if tensor.ndim != 2:
+        raise ValueError(f"expected a grayscale image [H, W], got shape {tuple(tensor.shape)}")
+    return tensor.to(torch.float32)[None, None]
+
+
+def resize_image(image: torch.Tensor, size: int, mode: str = "pad", is_mask: bool = False) -> torch.Tensor:
+    """[1, 1, H, W] float32 → [1, 1, S, S]. ``mode`` ``pad`` (aspect kept, zero padding, centred) or ``crop``
+    (aspect kept, centre crop). Images: bilinear with antialiasing; masks: area-weighted then ≥ 0.5 → {0, 1}."""
+    if mode not in ("pad", "crop"):
+        raise ValueError(f"resize mode must be 'pad' or 'crop', got {mode!r}")
+    height, width = image.shape[-2:]
+    scale = size / max(height, width) if mode == "pad" else size / min(height, width)
+    new_h = max(1, min(size, round(height * scale)) if mode == "pad" else max(size, round(height * scale)))
+    new_w = max(1, min(size, round(width * scale)) if mode == "pad" else max(size, round(width * scale)))
+    if (new_h, new_w) != (height, width):
+        if is_mask:
+            resized = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+            resized = (resized >= 0.5).to(torch.float32)
+        else:
+            resized = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        resized = image
+    if mode == "pad":
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        return F.pad(resized, (left, size - new_w - left, top, size - new_h - top), value=0.0)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[..., top : top + size, left : left + size]
+
+
+def random_affine_grid(
+    size: int,
+    generator: torch.Generator | None,
+    max_rotation: float = 5.0,
+    max_scale: float = 0.05,
+    max_translate: float = 0.04,
+) -> torch.Tensor:
+    """A sampling grid [1, S, S, 2] for ``F.grid_sample`` of a random small affine map (see module doc)."""
+    draws = torch.rand(4, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+    angle = math.radians(float(draws[0]) * max_rotation)
+    scale = 1.0 + float(draws[1]) * max_scale
+    tx, ty = float(draws[2]) * max_translate * 2.0, float(draws[3]) * max_translate * 2.0
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    theta = torch.tensor([[[cos, -sin, tx], [sin, cos, ty]]], dtype=torch.float32)
+    return F.affine_grid(theta, [1, 1, size, size], align_corners=False)
+
+
+class Preprocess:
+    """Callable image (+ mask) → (normalized tensor float32 [3, S, S], mask float32 [S, S] in {0, 1} or None).
+
+    ``size``: output side; ``resize``: ``pad`` or ``crop``; ``mean``/``std``: per-channel normalization
+    (ImageNet's by default); ``augment``: random affine + brightness/contrast (training only); ``seed``: used
+    when a call gives no generator (then successive calls draw successive augmentations).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        resize: str = "pad",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        augment: bool = False,
+        seed: int = 0,
+        max_rotation: float = 5.0,
+        max_scale: float = 0.05,
+        max_translate: float = 0.04,
+        max_brightness: float = 0.08,
+        max_contrast: float = 0.1,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        if resize not in ("pad", "crop"):
+            raise ValueError(f"resize must be 'pad' or 'crop', got {resize!r}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got {list(mean)} and {list(std)}")
+        self.size = size
+        self.resize = resize
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+        self.augment = augment
+        self.max_rotation, self.max_scale, self.max_translate = max_rotation, max_scale, max_translate
+        self.max_brightness, self.max_contrast = max_brightness, max_contrast
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self,
+        image: np.ndarray | torch.Tensor,
+        mask: np.ndarray | torch.Tensor | None = None,
+        rng: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pixels = resize_image(_as_tensor(image), self.size, self.resize)
+        target = None
+        if mask is not None:
+            target = resize_image(_as_tensor(torch.as_tensor(np.asarray(mask)).to(torch.float32)), self.size,
+                                  self.resize, is_mask=True)  # fmt: skip
+        if self.augment:
+            generator = rng if rng is not None else self._generator
+            grid = random_affine_grid(self.size, generator, self.max_rotation, self.max_scale, self.max_translate)
+            pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            if target is not None:
+                target = F.grid_sample(target, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            draws = torch.rand(2, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+            brightness = float(draws[0]) * self.max_brightness
+            contrast = 1.0 + float(draws[1]) * self.max_contrast
+            mean = pixels.mean()
+            pixels = ((pixels - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+        tensor = (pixels[0].expand(3, -1, -1) - self.mean) / self.std
+        return tensor.contiguous(), (target[0, 0].contiguous() if target is not None else None)
+
+
+def to_model_input(
+    image: np.ndarray | torch.Tensor,
+    size: int,
+    resize: str = "pad",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """One image [H, W] in [0, 1] → a batch [1, 3, S, S] ready for the model (no augmentation)."""
+    tensor, _ = Preprocess(size, resize, mean, std)(image)
+    return tensor[None]
+
+
+def denormalize(tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Inverse of the normalization: [..., 3, S, S] → grayscale [..., S, S] in [0, 1] (channel mean)."""
+    m = torch.tensor(list(mean), dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
+    s = torch.tensor(list(std), dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
+    return (tensor * s + m).mean(dim=-3).clamp(0.0, 1.0)

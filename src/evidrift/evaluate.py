@@ -1,0 +1,268 @@
+"""Predictions and classification figures: per-epoch validation metrics and the test-split evaluation.
+
+``evaluate_study`` writes ``run/eval/{arch}.parquet`` (one row per test image: ``id``, ``label``,
+``pred_stage{1,2}``, ``prob_stage{1,2}``) and ``run/eval/classification.csv`` (arch × stage: accuracy,
+macro-F1, macro AUROC with percentile-bootstrap 95% CIs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import rankdata
+from sklearn.metrics import f1_score, roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from evidrift.distributed import Context, all_gather_cat, epoch_batches
+
+if TYPE_CHECKING:
+    from evidrift.artifacts import RunPaths
+    from evidrift.config import StudyConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Feed(Protocol):
+    """Indexed inputs and labels: ``len(feed)`` samples, ``feed.iterate(batches, epoch)`` yields (x, y)."""
+
+    def __len__(self) -> int: ...
+
+    def iterate(self, batches: Sequence[Sequence[int]], epoch: int) -> Iterator[Batch]: ...
+
+
+class TensorFeed:
+    """Pre-computed inputs ``x`` [N, ...] (e.g. cached pooled features [N, F] float32), labels ``y`` [N]."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs for {len(y)} labels")
+        self.x, self.y = x, y.long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def iterate(self, batches: Sequence[Sequence[int]], epoch: int) -> Iterator[Batch]:
+        for batch in batches:
+            index = torch.as_tensor(batch, dtype=torch.long)
+            yield self.x[index], self.y[index]
+
+
+class ImageFeed:
+    """A dataset of dicts (``image`` [3, S, S] float32, ``label`` int; optional ``set_epoch(epoch)`` for
+    seeded augmentation) read through a DataLoader with ``num_workers`` processes."""
+
+    def __init__(self, dataset: Dataset, num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def iterate(self, batches: Sequence[Sequence[int]], epoch: int) -> Iterator[Batch]:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
+        for item in loader:
+            yield item["image"], torch.as_tensor(item["label"]).long()
+
+
+def probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Class scores in [0, 1] from logits [N, C]: softmax for ``ce``, per-class sigmoid for ``bce``."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if loss == "bce" else torch.softmax(logits, dim=1)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """labels [N] int in [0, C), probs [N, C] → accuracy, macro_f1, auroc (list of C one-vs-rest AUROCs, NaN
+    for a class without positives or negatives) and macro_auroc (mean of the defined ones; NaN if none)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = probs.shape[1]
+    preds = probs.argmax(axis=1)
+    aurocs = []
+    for c in range(n_classes):
+        positives = labels == c
+        if positives.all() or not positives.any():
+            aurocs.append(float("nan"))
+        else:
+            aurocs.append(float(roc_auc_score(positives, probs[:, c])))
+    defined = [a for a in aurocs if not np.isnan(a)]
+    return {
+        "accuracy": float((preds == labels).mean()) if len(labels) else float("nan"),
+        "macro_f1": float(
+            f1_score(labels, preds, average="macro", labels=list(range(n_classes)), zero_division=0)
+        ),
+        "auroc": aurocs,
+        "macro_auroc": float(np.mean(defined)) if defined else float("nan"),
+    }
+
+
+@torch.no_grad()
+def predict_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    feed: Feed,
+    ctx: Context,
+    batch_size: int,
+    autocast: bool = False,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of every sample of ``feed``, sharded over processes and gathered: (labels [N] int64,
+    logits [N, C] float32) in dataset order, identical on every process."""
+    batches = epoch_batches(len(feed), batch_size, ctx, seed=0, epoch=0, shuffle=False, train=False)
+    order = torch.as_tensor([i for b in batches for i in b], dtype=torch.long)
+    labels, outputs = [], []
+    for x, y in feed.iterate(batches, 0):
+        x = x.to(ctx.device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+            outputs.append(forward(x).float().cpu())
+        labels.append(y.cpu())
+    logits = all_gather_cat(torch.cat(outputs), ctx)
+    labels_all = all_gather_cat(torch.cat(labels), ctx)
+    order_all = all_gather_cat(order, ctx)
+    result_logits = torch.empty(len(feed), logits.shape[1])
+    result_labels = torch.empty(len(feed), dtype=torch.long)
+    result_logits[order_all] = logits  # padded duplicates write the same values
+    result_labels[order_all] = labels_all
+    return result_labels, result_logits
+
+
+# --- test-split evaluation ----------------------------------------------------------------------------------
+def _fast_metrics(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:
+    """(accuracy, macro-F1, macro AUROC) with numpy only (Mann-Whitney AUROC on average ranks); same values
+    as ``classification_metrics``, fast enough for thousands of bootstrap draws."""
+    n, n_classes = probs.shape
+    preds = probs.argmax(axis=1)
+    confusion = np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(
+        n_classes, -1
+    )
+    tp = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    aurocs = []
+    for c in range(n_classes):
+        positives = labels == c
+        n_pos = int(positives.sum())
+        if 0 < n_pos < n:
+            ranks = rankdata(probs[:, c])
+            aurocs.append((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
+    return float(tp.sum() / n), float(f1.mean()), float(np.mean(aurocs)) if aurocs else float("nan")
+
+
+def bootstrap_summary(
+    y_true: np.ndarray, probs: np.ndarray, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """accuracy, macro_f1, macro_auroc and their percentile-bootstrap CIs (``{metric}_lo``/``_hi``),
+    resampling images with replacement (seeded); ``n`` the number of images."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    names = ("accuracy", "macro_f1", "macro_auroc")
+    point = classification_metrics(y_true, probs)
+    rng = np.random.default_rng(seed)
+    draws = np.array(
+        [
+            _fast_metrics(y_true[pick], probs[pick])
+            for pick in rng.integers(0, len(y_true), (n_boot, len(y_true)))
+        ]
+    )
+    out: dict[str, float] = {"n": float(len(y_true))}
+    alpha = (1 - ci) / 2
+    for column, name in enumerate(names):
+        values = draws[:, column][~np.isnan(draws[:, column])]
+        out[name] = point[name]
+        out[f"{name}_lo"] = float(np.quantile(values, alpha)) if len(values) else float("nan")
+        out[f"{name}_hi"] = float(np.quantile(values, 1 - alpha)) if len(values) else float("nan")
+    return out
+
+
+def summarize(y_true: np.ndarray, probs: np.ndarray, config: StudyConfig) -> dict[str, float]:
+    """Classification figures with CIs: ``evidrift.stats.classification_summary`` when it exists, else
+    ``bootstrap_summary`` with the study's stats settings."""
+    try:
+        from evidrift.stats import classification_summary  # type: ignore[attr-defined]
+    except ImportError:
+        return bootstrap_summary(y_true, probs, config.stats.n_boot, config.stats.ci, config.stats.seed)
+    return dict(classification_summary(y_true, probs))
+
+
+def evaluate_model(
+    model: nn.Module, feed: Feed, ctx: Context, batch_size: int, loss: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [N] int64, probabilities [N, C] float32) of ``model`` in eval mode over ``feed``."""
+    model.eval()
+    cuda = ctx.device.type == "cuda"
+    labels, logits = predict_logits(model, feed, ctx, batch_size, autocast=cuda, channels_last=cuda)
+    return labels.numpy(), probabilities(logits, loss).numpy()
+
+
+def evaluate_study(
+    config: StudyConfig, paths: RunPaths, arch: str | None = None, ctx: Context | None = None
+) -> pd.DataFrame:
+    """Predict the test split with the stage-1 and stage-2 checkpoints of each model (or only ``arch``);
+    writes ``eval/{arch}.parquet`` and ``eval/classification.csv``, prints the table; returns the table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evidrift import distributed
+    from evidrift.artifacts import write_csv_atomic, write_parquet_atomic
+    from evidrift.data.dataset import ManifestDataset
+    from evidrift.data.sources import load_manifest
+    from evidrift.models import load_checkpoint
+
+    ctx = ctx or distributed.setup(config.train.device)
+    frame, classes = load_manifest(paths)
+    test = frame[(frame["split"] == "test") & (frame["status"] == "ok")].reset_index(drop=True)
+    if test.empty:
+        raise ValueError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
+    model_cfgs = [m for m in config.models if arch is None or m.key == arch]
+    if not model_cfgs:
+        raise ValueError(f"--arch {arch!r} is not in the study's models {[m.key for m in config.models]}")
+    rows: list[dict[str, Any]] = []
+    for model_cfg in model_cfgs:
+        table: dict[str, Any] = {"id": test["id"].astype(str).tolist()}
+        for stage in ("1", "2"):
+            model, meta = load_checkpoint(paths.checkpoint(model_cfg.key, stage), map_location=ctx.device)
+            dataset = ManifestDataset(
+                test,
+                classes,
+                int(meta["image_size"]),
+                resize=config.data.resize,
+                mean=meta["mean"],
+                std=meta["std"],
+            )
+            labels, probs = evaluate_model(
+                model, ImageFeed(dataset), ctx, config.train.stage2.batch_size, meta["loss"]
+            )
+            table["label"] = labels.astype(np.int64)
+            table[f"pred_stage{stage}"] = probs.argmax(axis=1).astype(np.int64)
+            table[f"prob_stage{stage}"] = [row.astype(np.float64).tolist() for row in probs]
+            rows.append({"arch": model_cfg.key, "stage": int(stage), **summarize(labels, probs, config)})
+        if ctx.is_main:
+            columns = ["id", "label", "pred_stage1", "pred_stage2", "prob_stage1", "prob_stage2"]
+            write_parquet_atomic(paths.eval_table(model_cfg.key), pd.DataFrame(table)[columns])
+    summary = pd.DataFrame(rows)
+    if ctx.is_main:
+        path = paths.eval_table("classification").with_suffix(".csv")
+        if arch is not None and path.exists():  # keep the other architectures' rows
+            previous = pd.read_csv(path)
+            summary = pd.concat([previous[previous["arch"] != arch], summary], ignore_index=True)
+        write_csv_atomic(path, summary)
+        rich_table = Table(title=f"test-split classification ({len(test)} images, 95% bootstrap CI)")
+        for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC"):
+            rich_table.add_column(column, justify="left" if column == "arch" else "right")
+        for _, row in summary.iterrows():
+            cells = [
+                f"{row[m]:.3f} [{row[f'{m}_lo']:.3f}, {row[f'{m}_hi']:.3f}]"
+                for m in ("accuracy", "macro_f1", "macro_auroc")
+            ]
+            rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells)
+        Console().print(rich_table)
+    distributed.barrier(ctx)
+    return summary

@@ -1,0 +1,541 @@
+"""Head probing study ("How to Probe", Gairola et al.): how the classifier head's training changes the maps.
+
+On one frozen backbone (pretrained weights, or the run's stage-0 checkpoint), a head is trained for every
+variant ``loss × head`` — losses ``ce`` and ``bce`` (uniform off-labels, targets max(onehot, 1/C)), heads
+``linear``, ``linear_nobias``, ``mlp2``, ``mlp3`` — with the same budget and seed, on cached backbone
+features. Each variant is then explained with every CAM method and scored:
+
+- ``correct``: per test image, 1 if the variant classifies it correctly (its mean is the accuracy);
+- ``gridpg@n``: GridPG on n × n grids. A grid tiles n² test images (downscaled) into one input of the
+  model's size, one image per class, each image classified correctly with probability ≥ ``confidence`` by
+  *every* variant (so all variants are scored on the same grids); when the data has fewer classes than
+  cells, the remaining cells are blank (value 0 after normalization, the mean intensity) and are never
+  targets. For each image of a grid the map for its class, upsampled to the input size and smoothed by a
+  ``smoothing`` × ``smoothing`` average pool, is scored by the share of its positive mass inside the image's
+  cell (1 = perfect, 1/n² = a uniform map);
+- ``pointing_game``, ``energy_pointing_game``: against the lesion masks, on test images whose mask is not
+  empty (target = the label);
+- ``entropy``, ``gini``: concentration of each test image's map (target = the label).
+
+The frozen backbone is run once: the CAM layer's activations A (the backbone's output, checked numerically)
+are cached for the test images and the grids, and each variant's maps come from ``CAMEngine`` applied to
+``head(A)`` — exactly the maps of the full model, since gradients of a head-only change stop at A.
+
+Outputs (run directory): ``probe.parquet`` (one row per arch, variant, method, unit, metric),
+``probe_summary.csv`` (mean and bootstrap CI per arch, variant, method, metric), ``probe_pairs.csv``
+(paired Wilcoxon tests between variants on shared units, Holm-corrected), ``figures/probe_*.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evidrift.config import HeadConfig
+from evidrift.evaluate import probabilities
+
+LOSSES: tuple[str, ...] = ("ce", "bce")
+HEADS: tuple[str, ...] = ("linear", "linear_nobias", "mlp2", "mlp3")
+
+
+@dataclass(frozen=True)
+class ProbeVariant:
+    """One head variant: ``loss`` (ce | bce) × ``head`` (linear | linear_nobias | mlp2 | mlp3)."""
+
+    loss: str
+    head: str
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"probe loss {self.loss!r} is not one of {list(LOSSES)}")
+        if self.head not in HEADS:
+            raise ValueError(f"probe head {self.head!r} is not one of {list(HEADS)}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.loss}-{self.head}"
+
+    def head_config(self, hidden: int = 256) -> HeadConfig:
+        """The ``HeadConfig`` that ``models.build_head`` builds this head from."""
+        if self.head == "linear_nobias":
+            return HeadConfig(type="linear", bias=False, hidden=hidden)
+        return HeadConfig(type=self.head, bias=True, hidden=hidden)
+
+
+def probe_variants(losses: Sequence[str], heads: Sequence[str]) -> list[ProbeVariant]:
+    """Every ``loss × head`` variant, losses outer."""
+    return [ProbeVariant(loss, head) for loss in losses for head in heads]
+
+
+# --- probabilities and confident images ----------------------------------------------------------------------
+def confident_correct(
+    logits_per_variant: Sequence[torch.Tensor], losses: Sequence[str], labels: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """bool [N]: images that EVERY variant classifies correctly with probability of the label ≥ ``threshold``
+    (softmax for ``ce`` heads, sigmoid for ``bce`` heads: each head's own probability model).
+
+    ``logits_per_variant``: one [N, C] tensor per variant; ``labels`` int64 [N].
+    """
+    keep = torch.ones(labels.shape[0], dtype=torch.bool)
+    for logits, loss in zip(logits_per_variant, losses, strict=True):
+        probs = probabilities(logits, loss)
+        correct = logits.argmax(dim=1) == labels
+        confident = probs.gather(1, labels[:, None])[:, 0] >= threshold
+        keep &= correct & confident
+    return keep
+
+
+# --- grids ---------------------------------------------------------------------------------------------------
+def cell_edges(size: int, n: int) -> list[int]:
+    """Pixel boundaries of n equal cells along a side of ``size`` pixels: n + 1 ints from 0 to size."""
+    if n < 1 or size < n:
+        raise ValueError(f"cannot split {size} pixels into {n} cells")
+    return [round(i * size / n) for i in range(n + 1)]
+
+
+def cell_masks(height: int, width: int, n: int) -> torch.Tensor:
+    """bool [n², H, W]: the cells of an n × n grid in row-major order (cell k = row k // n, column k % n)."""
+    rows, cols = cell_edges(height, n), cell_edges(width, n)
+    masks = torch.zeros(n * n, height, width, dtype=torch.bool)
+    for k in range(n * n):
+        r, c = divmod(k, n)
+        masks[k, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = True
+    return masks
+
+
+def tile_grid(images: torch.Tensor, cells: Sequence[int], n: int, fill: float = 0.0) -> torch.Tensor:
+    """One n × n grid input: image i [3, S, S] downscaled (bilinear, antialiased) into cell ``cells[i]``.
+
+    images [m, 3, H, W] float32 (m ≤ n², already normalized) → [3, H, W]; cells without an image hold
+    ``fill``. Cells are row-major (``cell_masks``); ``cells`` must be distinct.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [m, 3, H, W], got shape {tuple(images.shape)}")
+    if len(set(cells)) != len(cells) or len(cells) != images.shape[0] or not all(0 <= c < n * n for c in cells):
+        raise ValueError(f"cells {list(cells)} must be {images.shape[0]} distinct indices in [0, {n * n})")
+    _, channels, height, width = images.shape
+    rows, cols = cell_edges(height, n), cell_edges(width, n)
+    grid = torch.full((channels, height, width), float(fill), dtype=images.dtype)
+    for image, cell in zip(images, cells, strict=True):
+        r, c = divmod(cell, n)
+        h, w = rows[r + 1] - rows[r], cols[c + 1] - cols[c]
+        small = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        grid[:, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = small
+    return grid
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """One grid: ``n`` × ``n`` cells; ``images[i]`` (an index into the pool) sits in cell ``cells[i]`` and is
+    of class ``classes[i]``."""
+
+    grid_id: str
+    n: int
+    images: tuple[int, ...]
+    cells: tuple[int, ...]
+    classes: tuple[int, ...]
+
+
+def sample_grids(labels: torch.Tensor, eligible: torch.Tensor, n: int, n_grids: int, seed: int) -> list[GridSpec]:
+    """Seeded GridPG grids of n × n cells from the eligible images, one image per class per grid.
+
+    labels int64 [N], eligible bool [N]. Each grid draws min(n², #classes with an eligible image) distinct
+    classes, one eligible image of each, in random distinct cells. Returns [] when fewer than two classes
+    have an eligible image (a grid needs a competitor).
+    """
+    rng = np.random.default_rng([seed, n])
+    pools: dict[int, np.ndarray] = {}
+    for cls in sorted(set(labels[eligible].tolist())):
+        pools[cls] = np.flatnonzero((labels == cls).numpy() & eligible.numpy())
+    classes = np.array(sorted(pools))
+    if len(classes) < 2:
+        return []
+    per_grid = min(n * n, len(classes))
+    grids = []
+    for g in range(n_grids):
+        chosen = rng.choice(classes, size=per_grid, replace=False)
+        picks = tuple(int(rng.choice(pools[int(c)])) for c in chosen)
+        cells = tuple(int(c) for c in rng.choice(n * n, size=per_grid, replace=False))
+        grids.append(GridSpec(f"grid{n}-{g:04d}", n, picks, cells, tuple(int(c) for c in chosen)))
+    return grids
+
+
+def smooth_maps(maps: torch.Tensor, kernel: int) -> torch.Tensor:
+    """k × k average pooling with stride 1 (edges averaged over the valid pixels): [N, H, W] → [N, H, W].
+
+    ``kernel`` odd; 1 returns the maps unchanged (as in the "How to Probe" GridPG code, k = 5).
+    """
+    if kernel == 1:
+        return maps
+    if kernel % 2 == 0:
+        raise ValueError(f"smoothing kernel must be odd, got {kernel}")
+    pooled = F.avg_pool2d(maps[:, None].float(), kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled[:, 0]
+
+
+# --- explaining a head on cached activations -----------------------------------------------------------------
+class HeadOnFeatures(nn.Module):
+    """The model's head applied to cached CAM-layer activations: A [B, K, h, w] → logits [B, C].
+
+    ``features`` (an identity) is the CAM layer: hooked by ``CAMEngine``, it sees the same A and
+    d score / dA as the model's own last feature layer does, so the maps equal the full model's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.features = nn.Identity()
+        self.model = model
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.features(activations))
+
+
+# --- the study -----------------------------------------------------------------------------------------------
+#: Files of the probing study in the run directory.
+PROBE_FILES: dict[str, str] = {
+    "table": "probe.parquet",
+    "summary": "probe_summary.csv",
+    "pairs": "probe_pairs.csv",
+    "work": "probe",
+}
+#: Metric families in report order (``gridpg`` comes as ``gridpg@n`` per grid size).
+PROBE_METRICS: tuple[str, ...] = ("correct", "gridpg", "energy_pointing_game", "pointing_game", "entropy", "gini")
+#: Localization metrics (higher is better) used to name the best variant.
+LOCALIZATION_METRICS: tuple[str, ...] = ("gridpg", "energy_pointing_game", "pointing_game")
+
+
+def metric_order(names: Sequence[str]) -> list[str]:
+    """Distinct metric names sorted by family (``PROBE_METRICS``) then name (``gridpg@2`` before ``@3``)."""
+
+    def key(name: str) -> tuple[int, str]:
+        family = name.split("@")[0]
+        return (PROBE_METRICS.index(family) if family in PROBE_METRICS else len(PROBE_METRICS), name)
+
+    return sorted(dict.fromkeys(names), key=key)
+
+
+@dataclass
+class CachedSplit:
+    """Backbone outputs of one split: ``pooled`` [N, F] (the head's input), ``labels`` [N] int64, and for the
+    test split ``activations`` [N, K, h, w] at the CAM layer, ``ids`` and lesion ``masks`` [N, S, S] bool."""
+
+    pooled: torch.Tensor
+    labels: torch.Tensor
+    activations: torch.Tensor | None = None
+    ids: list[str] | None = None
+    masks: torch.Tensor | None = None
+
+
+def cam_layer_is_backbone_output(model: nn.Module, layer: str, x: torch.Tensor) -> bool:
+    """True when the output of module ``layer`` equals ``model.forward_features(x)`` (so that the head is all
+    that lies between the CAM layer and the logits, and cached activations can be explained)."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    try:
+        with torch.no_grad():
+            features = model.forward_features(x)
+    finally:
+        handle.remove()
+    return bool(captured) and captured[-1].shape == features.shape and torch.equal(captured[-1], features)
+
+
+@torch.no_grad()
+def cache_split(
+    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, activations: bool, desc: str,
+    progress: bool = True,
+) -> CachedSplit:  # fmt: skip
+    """Run the frozen backbone once over ``dataset`` (items: ``image``, ``label``, ``id``, optional ``mask``).
+
+    ``activations``: also keep ``forward_features`` [N, K, h, w] float32, the ids and the masks (bool).
+    """
+    model.eval()
+    pooled, labels, acts, ids, masks = [], [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for item in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        features = model.forward_features(item["image"].to(device))
+        pooled.append(model.forward_head(features, pre_logits=True).flatten(1).float().cpu())
+        labels.append(torch.as_tensor(item["label"]).long())
+        if activations:
+            acts.append(features.float().cpu())
+            ids += [str(i) for i in item["id"]]
+            if "mask" in item:
+                masks.append(item["mask"] > 0.5)
+    if not pooled:
+        raise ValueError(f"{desc}: no images (check the manifest's splits)")
+    return CachedSplit(
+        pooled=torch.cat(pooled),
+        labels=torch.cat(labels),
+        activations=torch.cat(acts) if activations else None,
+        ids=ids if activations else None,
+        masks=torch.cat(masks) if masks else None,
+    )
+
+
+def head_stage_config(probe: ProbeConfig) -> StageConfig:
+    """The optimisation budget every variant gets: ``probe.epochs`` epochs of AdamW at ``probe.lr`` (one
+    warm-up epoch, cosine), no early stopping (equal budgets), best epoch by validation loss."""
+    return StageConfig(
+        epochs=probe.epochs, lr=probe.lr, weight_decay=probe.weight_decay, batch_size=probe.batch_size,
+        warmup_epochs=1.0, patience=None, monitor="val_loss", cache_features=True,
+    )  # fmt: skip
+
+
+def train_probe_head(
+    variant: ProbeVariant,
+    train: CachedSplit,
+    val: CachedSplit,
+    num_classes: int,
+    probe: ProbeConfig,
+    work_dir: Path,
+    tag: str,
+    ctx: Context,
+    label: str,
+    progress: bool = True,
+) -> nn.Module:
+    """Train one variant's head on cached pooled features with ``train.fit`` (resumable, seeded by
+    ``probe.seed``: every variant starts from the same RNG state); returns the head (best epoch, eval mode).
+
+    Files under ``work_dir``: ``head.safetensors`` (final, its metadata ``tag`` marks it done),
+    ``metrics.jsonl``, and while training ``head.last.pt`` / ``head.best.safetensors``.
+    """
+    files = StageFiles(
+        final=work_dir / "head.safetensors", last=work_dir / "head.last.pt",
+        best=work_dir / "head.best.safetensors", metrics=work_dir / "metrics.jsonl",
+    )  # fmt: skip
+    torch.manual_seed(probe.seed)
+    head = models.build_head(train.pooled.shape[1], num_classes, variant.head_config(probe.hidden)).to(ctx.device)
+    if files.final.is_file():
+        with safe_open(str(files.final), framework="pt") as handle:
+            if (handle.metadata() or {}).get("tag") == tag:
+                head.load_state_dict({k: handle.get_tensor(k) for k in handle.keys()}, strict=True)  # noqa: SIM118
+                return head.eval()
+    val_feed = TensorFeed(val.pooled, val.labels) if len(val.labels) else TensorFeed(train.pooled, train.labels)
+    fit(
+        head, head, head, head, TensorFeed(train.pooled, train.labels), val_feed, head_stage_config(probe),
+        variant.loss, ctx, files, tag, probe.seed, label, progress,
+    )  # fmt: skip
+    head.load_state_dict(load_file(str(files.best)), strict=True)
+    save_safetensors_atomic(files.final, head.state_dict(), {"tag": tag, "variant": variant.name})
+    files.best.unlink(missing_ok=True)
+    files.last.unlink(missing_ok=True)
+    return head.eval()
+
+
+def iter_maps(
+    net: nn.Module,
+    layer: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    methods: Sequence[str],
+    size: int,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+    """Maps of ``net`` at ``layer`` for ``inputs`` [N, ...] and ``targets`` [N] int64, batch by batch.
+
+    Yields (the batch's slice of N, {method: maps [b, size, size] float32 ≥ 0, upsampled bilinearly}); one
+    ``CAMEngine`` forward + backward per batch serves every method.
+    """
+    with CAMEngine(net, layers=[layer]) as engine:
+        for start in range(0, len(inputs), batch_size):
+            part = slice(start, min(start + batch_size, len(inputs)))
+            out = engine(inputs[part].to(device), targets[part].to(device), methods=list(methods))
+            yield part, {m: upsample(out.maps[m].float(), (size, size)).cpu() for m in methods}
+
+
+@dataclass
+class GridSet:
+    """The grids of one size: their inputs [G, ...] (activations or images) and specs."""
+
+    n: int
+    inputs: torch.Tensor
+    specs: list[GridSpec]
+
+
+def score_variant(
+    net: nn.Module,
+    layer: str,
+    test_inputs: torch.Tensor,
+    test: CachedSplit,
+    grids: Sequence[GridSet],
+    methods: Sequence[str],
+    classes: Sequence[str],
+    size: int,
+    smoothing: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[dict[str, object]]:
+    """Localization and complexity rows of one variant (``net`` with its head in place), every method.
+
+    Test images (target = label): ``entropy`` and ``gini`` of every map, ``pointing_game`` and
+    ``energy_pointing_game`` where the lesion mask is not empty. Grids: ``gridpg@n`` per (grid, image) on
+    maps smoothed by ``smoothing``. Rows: method, unit (``image`` | ``grid{n}``), unit_id, target, metric, value.
+    """
+    rows: list[dict[str, object]] = []
+    assert test.ids is not None
+    for part, maps in iter_maps(net, layer, test_inputs, test.labels, methods, size, batch_size, device):
+        ids, labels = test.ids[part], test.labels[part].tolist()
+        masks = test.masks[part] if test.masks is not None else None
+        lesion = masks.flatten(1).any(1) if masks is not None else torch.zeros(len(ids), dtype=torch.bool)
+        for method, m in maps.items():
+            scores = {"entropy": complexity.entropy(m), "gini": complexity.gini(m)}
+            if lesion.any():
+                assert masks is not None
+                for name, fn in (("pointing_game", localization.pointing_game),
+                                 ("energy_pointing_game", localization.energy_pointing_game)):
+                    values = torch.full((len(ids),), float("nan"))
+                    values[lesion] = fn(m[lesion], masks[lesion]).float().cpu()
+                    scores[name] = values
+            for metric, values in scores.items():
+                for i, value in enumerate(values.tolist()):
+                    if metric in ("pointing_game", "energy_pointing_game") and not lesion[i]:
+                        continue
+                    rows.append(dict(method=method, unit="image", unit_id=ids[i], target=classes[labels[i]],
+                                     metric=metric, value=float(value)))  # fmt: skip
+    for grid in grids:
+        owner = torch.tensor([g for g, spec in enumerate(grid.specs) for _ in spec.images], dtype=torch.long)
+        targets = torch.tensor([c for spec in grid.specs for c in spec.classes], dtype=torch.long)
+        cells = torch.tensor([c for spec in grid.specs for c in spec.cells], dtype=torch.long)
+        for part, maps in iter_maps(net, layer, grid.inputs[owner], targets, methods, size, batch_size, device):
+            for method, m in maps.items():
+                values = localization.gridpg(smooth_maps(m, smoothing), cells[part], grid.n)
+                for j, value in zip(range(part.start, part.stop), values.tolist(), strict=True):
+                    spec = grid.specs[int(owner[j])]
+                    rows.append(dict(method=method, unit=f"grid{grid.n}", unit_id=f"{spec.grid_id}/{int(cells[j])}",
+                                     target=classes[int(targets[j])], metric=f"gridpg@{grid.n}", value=float(value)))  # fmt: skip
+    return rows
+
+
+def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    return frame[(frame["split"] == split) & (frame["status"] == "ok")].reset_index(drop=True)
+
+
+def load_study_data(config: StudyConfig, paths: RunPaths) -> tuple[pd.DataFrame, list[str]]:
+    """(manifest, classes) of the run: prepared (``data.prepare_data``) when the run has no manifest yet."""
+    from evidrift.data import sources
+
+    if not paths.manifest.exists():
+        sources.prepare_data(config, paths)
+    return sources.load_manifest(paths)
+
+
+def probe_backbone(
+    config: StudyConfig, paths: RunPaths, model_cfg: ModelConfig, num_classes: int, ctx: Context, progress: bool
+) -> tuple[nn.Module, str]:
+    """The frozen backbone of one model (eval mode, on ``ctx.device``) and the identity of its weights:
+    the run's stage-0 checkpoint (trained first when missing, ``train.train_stage``) when ``weights: none``,
+    else the configured weights."""
+    if uses_stage0(model_cfg):
+        weights = str(train_stage(config, paths, model_cfg, "0", ctx, progress))
+        identity = f"stage0:{stage_hash(config, model_cfg, '0')}"
+    else:
+        weights, identity = model_cfg.weights, f"weights:{model_cfg.weights}"
+    model = models.build_model(model_cfg.arch, num_classes, HeadConfig(), weights).to(ctx.device)
+    models.freeze_backbone(model)
+    return model.eval(), identity
+
+
+def probe_model(
+    config: StudyConfig,
+    paths: RunPaths,
+    model_cfg: ModelConfig,
+    frame: pd.DataFrame,
+    classes: list[str],
+    ctx: Context,
+    progress: bool = True,
+) -> list[dict[str, object]]:
+    """Every variant of one model: train the heads, build the grids, explain and score (rows of
+    ``probe.parquet`` without the ``arch`` column)."""
+    from evidrift.data.dataset import ManifestDataset
+
+    probe = config.probe
+    key, device = model_cfg.key, ctx.device
+    size = image_size_for(model_cfg, config.train.stage1)
+    mean, std = models.normalization(model_cfg.arch)
+    with determinism(config.train.deterministic and device.type == "cpu"):
+        model, identity = probe_backbone(config, paths, model_cfg, len(classes), ctx, progress)
+        layer = models.resolve_cam_layers(model, model_cfg.arch, model_cfg.cam_layers)[0]
+
+        def dataset(part: pd.DataFrame, with_mask: bool = False) -> ManifestDataset:
+            return ManifestDataset(part, classes, size, resize=config.data.resize, mean=mean, std=std,
+                                   augment=False, with_mask=with_mask, seed=probe.seed)  # fmt: skip
+
+        test_frame = _split(frame, "test")
+        if probe.max_images is not None and len(test_frame) > probe.max_images:
+            test_frame = test_frame.sample(n=probe.max_images, random_state=probe.seed).reset_index(drop=True)
+        test_set = dataset(test_frame, with_mask=True)
+        batch = probe.batch_size
+        train = cache_split(model, dataset(_split(frame, "train")), batch, device, False, f"{key} train features", progress)
+        val = cache_split(model, dataset(_split(frame, "val")), batch, device, False, f"{key} val features", progress)
+        test = cache_split(model, test_set, batch, device, True, f"{key} test activations", progress)
+        probe_x = torch.stack([test_set[i]["image"] for i in range(min(2, len(test_set)))]).to(device)
+        fast = cam_layer_is_backbone_output(model, layer, probe_x)
+        assert test.activations is not None
+
+        variants = probe_variants(probe.losses, probe.heads)
+        training = {k: v for k, v in probe.model_dump(mode="json").items() if k in _TRAINING_KEYS}
+        heads: dict[str, nn.Module] = {}
+        logits: dict[str, torch.Tensor] = {}
+        for variant in variants:
+            tag = config_hash({"backbone": identity, "data": config.data.model_dump(mode="json"), "size": size,
+                               "seed": config.seed, "variant": variant.name, "training": training})  # fmt: skip
+            head = train_probe_head(
+                variant, train, val, len(classes), probe, paths.root / PROBE_FILES["work"] / key / variant.name,
+                tag, ctx, f"{key} probe {variant.name}", progress,
+            )  # fmt: skip
+            heads[variant.name] = head
+            with torch.no_grad():
+                logits[variant.name] = head(test.pooled.to(device)).float().cpu()
+
+        eligible = confident_correct([logits[v.name] for v in variants], [v.loss for v in variants], test.labels,
+                                     probe.confidence)  # fmt: skip
+        grid_sets = []
+        for n in probe.grids:
+            specs = sample_grids(test.labels, eligible, n, probe.n_grids, probe.seed)
+            if not specs:
+                logger.warning("%s: no %dx%d grid (fewer than two classes have an image every variant classifies "
+                               "correctly with probability >= %.2f)", key, n, n, probe.confidence)  # fmt: skip
+                continue
+            images = torch.stack([
+                tile_grid(torch.stack([test_set[i]["image"] for i in spec.images]), spec.cells, n) for spec in specs
+            ])  # fmt: skip
+            if fast:
+                with torch.no_grad():
+                    images = torch.cat([model.forward_features(images[i : i + batch].to(device)).float().cpu()
+                                        for i in range(0, len(images), batch)])  # fmt: skip
+            grid_sets.append(GridSet(n, images, specs))
+
+        if fast:
+            net, cam_layer, test_inputs = HeadOnFeatures(model), "features", test.activations
+        else:
+            logger.info("%s: CAM layer %s is not the backbone output; explaining through the full model", key, layer)
+            net, cam_layer = model, layer
+            test_inputs = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
+        rows: list[dict[str, object]] = []
+        head_path = models.head_name(model)
+        for variant in tqdm(variants, desc=f"{key} explain variants", leave=False, disable=not progress):
+            model.set_submodule(head_path, heads[variant.name])
+            model.eval()
+            correct = (logits[variant.name].argmax(1) == test.labels).float().tolist()
+            variant_rows = [
+                dict(method="-", unit="image", unit_id=test.ids[i], target=classes[int(test.labels[i])],
+                     metric="correct", value=c)
+                for i, c in enumerate(correct)
+            ]  # fmt: skip
+            variant_rows += score_variant(
+                net, cam_layer, test_inputs, test, grid_sets, probe.methods, classes, size, probe.smoothing, batch,
+                device,
+            )  # fmt: skip
+            for row in variant_rows:
+                row.update(variant=variant.name, loss=variant.loss, head=variant.head)
+            rows += variant_rows
+    return rows
+
+
+_TRAINING_KEYS = ("hidden", "epochs", "lr", "weight_decay", "batch_size", "seed")

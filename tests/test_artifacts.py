@@ -1,0 +1,78 @@
+"""The run directory's atomic writes and the maps store (DESIGN § 3)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from evidrift.artifacts import (
+    RunPaths,
+    append_jsonl,
+    atomic_path,
+    config_hash,
+    maps_shards,
+    read_jsonl,
+    read_maps,
+    stored_methods,
+    write_json_atomic,
+    write_maps_shard,
+    write_parquet_atomic,
+)
+
+
+def test_atomic_path_leaves_nothing_behind_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text("half a fi")
+        raise RuntimeError("boom")
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(os.listdir(tmp_path)) == ["out.json"]
+
+
+def test_parquet_round_trip_and_jsonl_append(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"id": ["x", "y"], "value": [1.5, 2.5]})
+    write_parquet_atomic(tmp_path / "t.parquet", frame)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), frame)
+    append_jsonl(tmp_path / "m.jsonl", {"epoch": 0})
+    append_jsonl(tmp_path / "m.jsonl", {"epoch": 1})
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"epoch": 0}, {"epoch": 1}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_config_hash_ignores_key_order_and_sees_values() -> None:
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+    assert len(config_hash({})) == 16
+
+
+def test_maps_store_concatenates_shards_in_order_and_clips_negatives(tmp_path: Path) -> None:
+    paths = RunPaths.at(tmp_path)
+    first = torch.tensor([[[1.0, -2.0], [0.5, 0.0]]])
+    second = torch.full((2, 2, 2), 3.0)
+    write_maps_shard(paths, "resnet50v2", 1, "gradcam++", 1, second, ["b", "c"], layer="norm")
+    write_maps_shard(paths, "resnet50v2", 1, "gradcam++", 0, first, ["a"], layer="norm")
+    maps, ids, meta = read_maps(paths, "resnet50v2", 1, "gradcam++")
+    assert ids == ["a", "b", "c"]
+    assert maps.dtype == torch.float16 and maps.shape == (3, 2, 2)
+    assert maps[0].tolist() == [[1.0, 0.0], [0.5, 0.0]]
+    assert meta["layer"] == "norm" and meta["method"] == "gradcam++" and meta["stage"] == "1"
+    assert [p.name for p in maps_shards(paths, "resnet50v2", 1, "gradcam++")] == [
+        "gradcam++.part00000.safetensors",
+        "gradcam++.part00001.safetensors",
+    ]
+    assert stored_methods(paths, "resnet50v2", 1) == ["gradcam++"]
+
+
+def test_maps_store_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    paths = RunPaths.at(tmp_path)
+    with pytest.raises(FileNotFoundError, match="evidrift explain"):
+        read_maps(paths, "densenet201", 2, "layercam")
+    with pytest.raises(ValueError, match="2 ids for 1 maps"):
+        write_maps_shard(paths, "densenet201", 2, "layercam", 0, torch.zeros(1, 4, 4), ["a", "b"], layer="x")
+    with pytest.raises(ValueError, match=r"\[n, h, w\]"):
+        write_maps_shard(paths, "densenet201", 2, "layercam", 0, torch.zeros(4, 4), ["a"], layer="x")

@@ -1,0 +1,200 @@
+"""models.py: aliases, heads, weights loading, freezing, CAM layers, checkpoints (tiny timm models)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import evidrift  # noqa: F401  (before timm)
+from evidrift import models
+from evidrift.config import HeadConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_resolve_arch_aliases_and_timm_names() -> None:
+    assert models.resolve_arch("densenet201") == "densenet201"
+    assert models.resolve_arch("resnet50v2") == "resnetv2_50"
+    assert models.resolve_arch("inceptionv3") == "inception_v3"
+    assert models.resolve_arch("test_resnet") == "test_resnet"
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet5o'.*resnet50"):
+        models.resolve_arch("resnet5o")
+
+
+def test_default_input_size() -> None:
+    assert models.default_input_size("inceptionv3") == 299
+    assert models.default_input_size("resnet50v2") == 224
+    assert models.default_input_size("test_resnet") == 160
+
+
+@pytest.mark.parametrize(
+    ("head", "n_linear", "n_bn"),
+    [
+        (HeadConfig(type="linear"), 1, 0),
+        (HeadConfig(type="mlp2", hidden=7), 2, 1),
+        (HeadConfig(type="mlp3"), 3, 2),
+    ],
+)
+def test_heads(head: HeadConfig, n_linear: int, n_bn: int) -> None:
+    module = models.build_head(12, 5, head)
+    assert sum(isinstance(m, nn.Linear) for m in module.modules()) == n_linear
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in module.modules()) == n_bn
+    assert module(torch.randn(4, 12)).shape == (4, 5)
+    assert module(torch.randn(4, 12, 1, 1)).shape == (4, 5)  # timm's use_conv heads pool to [B, F, 1, 1]
+    if head.type == "mlp2":
+        assert module[1].out_features == 7
+
+
+def test_linear_head_without_bias() -> None:
+    module = models.build_head(8, 3, HeadConfig(type="linear", bias=False))
+    assert module[-1].bias is None
+    assert module(torch.zeros(2, 8)).abs().max() == 0
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet", "resnetv2_18"])
+def test_build_model_head_replaces_classifier(arch: str) -> None:
+    model = models.build_model(arch, 4, HeadConfig(type="mlp2", hidden=8)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        logits = model(x)
+        via_head = models.get_head(model)(models.pooled_features(model, x))
+    assert logits.shape == (2, 4)
+    torch.testing.assert_close(logits, via_head, rtol=0, atol=0)
+    assert models.pooled_features(model, x).shape == (2, models.num_pooled_features(model))
+    assert model.num_classes == 4
+    # the head is our module at timm's classifier path
+    assert isinstance(models.get_head(model), nn.Sequential)
+    assert models.head_name(model) == model.pretrained_cfg["classifier"]
+
+
+def test_freeze_keeps_backbone_norm_in_eval_even_after_train() -> None:
+    model = models.build_model("test_resnet", 3, HeadConfig(type="mlp2", hidden=4))
+    models.freeze_backbone(model)
+    model.train()
+    head = models.head_name(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(head + ".") for n in trainable)
+    norms = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert models.get_head(model)[2].training  # the head's BatchNorm1d trains
+    stats = [m.running_mean.clone() for m in norms]
+    model(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, norms, strict=True))
+    models.unfreeze(model)
+    model.train()
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in norms)
+    assert not models.is_frozen(model)
+
+
+def test_cam_layers_default_auto_and_errors() -> None:
+    dense = models.build_model("densenet121", 2)
+    assert models.default_cam_layers(dense, "densenet121") == ["features.norm5"]
+    v2 = models.build_model("resnetv2_18", 2)
+    assert models.default_cam_layers(v2, "resnetv2_18") == ["norm"]
+    assert models.resolve_cam_layers(v2, "resnetv2_18", ["auto"]) == ["stages.3"]
+    tiny = models.build_model("test_resnet", 2)
+    assert models.resolve_cam_layers(tiny, "test_resnet", ["default", "layer3", "auto"]) == [
+        "layer4",
+        "layer3",
+    ]
+    with pytest.raises(ValueError, match=r"cam layer 'layer9'.*candidates: \[.*'layer4'"):
+        models.resolve_cam_layers(tiny, "test_resnet", ["layer9"])
+
+
+def test_checkpoint_roundtrip(tmp_path: Path) -> None:
+    model = models.build_model("test_resnet", 3, HeadConfig(type="mlp3", hidden=6, bias=False)).eval()
+    meta = {
+        "arch": "test_resnet",
+        "head": HeadConfig(type="mlp3", hidden=6, bias=False).model_dump(),
+        "stage": 1,
+    }
+    path = models.save_checkpoint(tmp_path / "stage1.safetensors", model, {**meta, "image_size": 32})
+    loaded, read = models.load_checkpoint(path)
+    assert read["timm_name"] == "test_resnet" and read["stage"] == 1 and read["num_classes"] == 3
+    assert set(read["versions"]) == {"torch", "timm", "evidrift"}
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_checkpoint_sidecar_must_match_weights(tmp_path: Path) -> None:
+    model = models.build_model("test_resnet", 2)
+    path = models.save_checkpoint(tmp_path / "a.safetensors", model, {"head": HeadConfig().model_dump()})
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    models.save_checkpoint(path, models.build_model("test_resnet", 2), {"head": HeadConfig().model_dump()})
+    path.with_suffix(".json").write_text(json.dumps(sidecar))  # stale sidecar of other weights
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        models.load_checkpoint(path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="no sidecar"):
+        models.load_checkpoint(path)
+
+
+def test_local_weights_file_loads_backbone_and_ignores_classifier(tmp_path: Path) -> None:
+    source = models.build_model("test_resnet", 7)  # another head size: its keys are dropped
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # DDP-style prefix stripped
+    torch.save(state, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    for name in ("w.pth", "w.safetensors"):
+        model = models.build_model("test_resnet", 3, weights=str(tmp_path / name))
+        own = model.state_dict()
+        head = models.head_name(model) + "."
+        for key, value in source.state_dict().items():
+            if not key.startswith(head):
+                assert torch.equal(own[key], value), key
+
+
+def test_local_weights_mismatch_is_reported(tmp_path: Path) -> None:
+    other = models.build_model("test_efficientnet", 3)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(models.WeightsError, match=r"missing keys.*unexpected keys"):
+        models.build_model("test_resnet", 3, weights=str(tmp_path / "other.safetensors"))
+    with pytest.raises(models.WeightsError, match="does not exist"):
+        models.build_model("test_resnet", 3, weights=str(tmp_path / "absent.pth"))
+    torch.save({"x": [1, 2]}, tmp_path / "junk.pth")
+    with pytest.raises(models.WeightsError, match="does not hold a state dict"):
+        models.build_model("test_resnet", 3, weights=str(tmp_path / "junk.pth"))
+
+
+def test_imagenet_weights_fail_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-evidrift-test-cache")
+    started = time.monotonic()
+    with pytest.raises(
+        models.WeightsError, match=r"HF_HUB_OFFLINE.*weights: /path/to/test_resnet\.safetensors"
+    ):
+        models.build_model("test_resnet", 2, weights="imagenet")
+    assert time.monotonic() - started < 30  # a guard against hanging on the network, not a speed claim
+
+
+def test_imagenet_weights_fail_fast_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-evidrift-test-cache")
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(models.WeightsError, match=r"not reachable.*not in the local cache"):
+        models.build_model("test_resnet", 2, weights="imagenet")
+
+
+def test_imagenet_weights_from_local_hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    source = models.build_model("test_resnet", 2)
+    timm_state = {k: v.contiguous() for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    timm_state["fc.weight"], timm_state["fc.bias"] = torch.zeros(1000, 96), torch.zeros(1000)
+    save_file(timm_state, str(tmp_path / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_cached_hub_file", lambda name: str(tmp_path / "model.safetensors"))
+    model = models.build_model("test_resnet", 3, weights="imagenet")
+    assert torch.equal(model.state_dict()["layer4.0.conv1.weight"], timm_state["layer4.0.conv1.weight"])
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
