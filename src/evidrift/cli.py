@@ -7,10 +7,13 @@ Each command lives in its own marked section below; commands import their librar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from evidrift.config import StudyConfig
 
 app = typer.Typer(
     name="evidrift",
@@ -54,14 +57,478 @@ def validate(study: Annotated[Path, typer.Argument(help="study.yaml to check")])
     console.print(dump_yaml(config), highlight=False, markup=False)
 
 
-# --- phantoms (data) -----------------------------------------------------------------------------------------
+# --- phantoms (data) ----------------------------------------------------------------------------------------
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Argument(help="folder to write the set into (created if needed)")],
+    n: Annotated[int, typer.Option("--n", min=1, help="number of images, balanced over the classes")] = 500,
+    size: Annotated[int, typer.Option("--size", min=32, max=2048, help="image side in pixels")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="seed; the same seed gives byte-identical files")] = 0,
+    shortcut: Annotated[
+        float,
+        typer.Option("--shortcut", min=0.0, max=1.0, help="probability of the class's burnt-in marker"),
+    ] = 0.0,
+    source: Annotated[
+        bool, typer.Option("--source", help="write the stage-0 source set (shapes/textures) instead")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="processes (default: one per core, up to 8)")
+    ] = None,
+    preview: Annotated[bool, typer.Option("--preview/--no-preview", help="also write preview.png")] = True,
+) -> None:
+    """Generate the phantom chest X-ray set: PNG images, lesion-mask PNGs, manifest.csv and preview.png."""
+    from evidrift.data.phantom import generate_phantom_set, generate_source_set, write_preview
+
+    if source:
+        manifest = generate_source_set(out, n, size, seed, workers=workers)
+    else:
+        manifest = generate_phantom_set(out, n, size, seed, shortcut_marker=shortcut, workers=workers)
+    console.print(f"wrote {n} images and {manifest}", highlight=False)
+    if preview:
+        sheet = write_preview(manifest, out / "preview.png", per_class=6 if source else 4)
+        console.print(f"preview: {sheet}", highlight=False)
+
 
 # --- train / evaluate (models, train) ------------------------------------------------------------------------
+def _training_logs() -> None:
+    """One INFO line per epoch on stderr unless the application configured logging itself."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+@app.command()
+def train(
+    study: Annotated[Path, typer.Argument(help="study.yaml")],
+    arch: Annotated[str | None, typer.Option("--arch", help="only this model (its name or arch key)")] = None,
+    stage: Annotated[str, typer.Option("--stage", help="0, 1, 2 or all")] = "all",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+) -> None:
+    """Train the study's models: stage 0 (source pretraining), 1 (frozen backbone), 2 (fine-tuning).
+
+    Resumable: rerun the same command after an interruption; finished stages are skipped.
+    Multi-GPU: `torchrun --nproc-per-node N -m evidrift train study.yaml`."""
+    from evidrift import distributed
+    from evidrift.artifacts import RunPaths
+    from evidrift.config import ConfigError, load_config
+    from evidrift.train import STAGES, train_study
+
+    stages = STAGES if stage == "all" else (stage,)
+    if any(s not in STAGES for s in stages):
+        raise fail(f"--stage must be 0, 1, 2 or all, got {stage!r}")
+    _training_logs()
+    try:
+        config = load_config(study)
+        ctx = distributed.setup(config.train.device)
+        try:
+            done = train_study(config, RunPaths.at(config.output.dir), arch, stages, progress, ctx=ctx)
+        finally:
+            distributed.cleanup(ctx)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    if ctx.is_main:
+        for key, checkpoints in done.items():
+            for number, path in checkpoints.items():
+                console.print(f"{key} stage {number}: {path}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    study: Annotated[Path, typer.Argument(help="study.yaml")],
+    arch: Annotated[str | None, typer.Option("--arch", help="only this model (its name or arch key)")] = None,
+) -> None:
+    """Classify the test split with the stage-1 and stage-2 checkpoints: eval/{arch}.parquet and
+    eval/classification.csv (accuracy, macro-F1, macro AUROC with 95% bootstrap CIs)."""
+    from evidrift import distributed
+    from evidrift.artifacts import RunPaths
+    from evidrift.config import ConfigError, load_config
+    from evidrift.train import evaluate_study
+
+    _training_logs()
+    try:
+        config = load_config(study)
+        ctx = distributed.setup(config.train.device)
+        try:
+            evaluate_study(config, RunPaths.at(config.output.dir), arch, ctx=ctx)
+        finally:
+            distributed.cleanup(ctx)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+
 
 # --- explain (cam) -------------------------------------------------------------------------------------------
 
+
 # --- drift (metrics, stats) ----------------------------------------------------------------------------------
+@app.command()
+def drift(
+    run_dir: Annotated[Path, typer.Argument(help="run directory holding maps/ (from `evidrift explain`)")],
+    metrics: Annotated[
+        list[str] | None,
+        typer.Option("--metric", "-m", help="drift metric (repeatable; default: config or all)"),
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="analysis side in pixels (default: config, else input size)")
+    ] = None,
+    n_boot: Annotated[
+        int | None, typer.Option(help="bootstrap resamples (default: config stats.n_boot)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="bootstrap seed (default: config stats.seed)")] = None,
+) -> None:
+    """Drift between stage-1 and stage-2 maps: drift.parquet, summary.csv, rankings.csv, reversals.csv."""
+    import dataclasses
+
+    from rich.table import Table
+
+    from evidrift.analysis import run_drift, settings_from_config, summary_rows
+    from evidrift.config import ConfigError
+    from evidrift.metrics.drift import resolve_metric
+
+    if not run_dir.is_dir():
+        raise fail(f"run directory {run_dir} does not exist")
+    try:
+        settings = settings_from_config(run_dir)
+        overrides: dict[str, object] = {}
+        if metrics:
+            overrides["metrics"] = [resolve_metric(m)[0] for m in metrics]
+        if size is not None:
+            overrides["size"] = size
+        if n_boot is not None:
+            overrides["n_boot"] = n_boot
+        if seed is not None:
+            overrides["seed"] = seed
+        outputs = run_drift(run_dir, dataclasses.replace(settings, **overrides))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    header, rows = summary_rows(outputs.summary)
+    table = Table(title=f"explanation drift, stage 1 → stage 2 (mean [95% CI]) — {run_dir}")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("arch", "method") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"{len(outputs.drift)} pairs, {int(outputs.drift['degenerate'].sum())} degenerate; "
+        f"{len(outputs.reversals)} rank reversals; tables in {run_dir}",
+        highlight=False,
+    )
+
 
 # --- run / demo / compare / report (study) -------------------------------------------------------------------
+def _print_drift_table(run_dir: Path, title: str) -> None:
+    """The drift summary (arch × method, headline metrics, mean [95% CI]) as a rich table."""
+    import pandas as pd
+    from rich.table import Table
+
+    from evidrift.analysis import summary_rows
+
+    header, rows = summary_rows(pd.read_csv(run_dir / "summary.csv"))
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if column in ("arch", "method") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _run_and_report(
+    config: StudyConfig, out: Path | None, force: list[str], until: str | None, title: str
+) -> None:
+    from evidrift import distributed
+    from evidrift.artifacts import RunPaths
+    from evidrift.study import run_study
+
+    paths = RunPaths.at(out if out is not None else config.output.dir)
+    ctx = distributed.setup(config.train.device)
+    try:
+        run_study(
+            config,
+            paths,
+            force=force,
+            until=until,
+            ctx=ctx,
+            echo=lambda line: console.print(line, highlight=False, markup=False),
+        )
+    finally:
+        distributed.cleanup(ctx)
+    if ctx.is_main and paths.summary.is_file() and (until is None or until in ("drift", "report")):
+        _print_drift_table(paths.root, title)
+    if ctx.is_main and paths.report.is_file() and until in (None, "report"):
+        console.print(f"report: {paths.report.resolve()}", highlight=False)
+
+
+_STUDY_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+@app.command()
+def run(
+    study: Annotated[Path, typer.Argument(help="study.yaml")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="run directory (default: the study's output.dir)")
+    ] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--force",
+            help="redo this step and every step after it (repeatable): data, stage0, "
+            "stage1, stage2, evaluate, explain, drift, report",
+        ),
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="stop after this step")] = None,
+) -> None:
+    """Run a whole study: data → stage 0 → stage 1 → stage 2 → evaluate → explain → drift → report.
+
+    Resumable: finished steps (same config hash) are skipped, an interrupted one resumes; editing a section
+    redoes only the steps that depend on it.
+    Multi-GPU: `torchrun --nproc-per-node N -m evidrift run study.yaml`."""
+    from evidrift.config import ConfigError, load_config
+
+    _training_logs()
+    try:
+        config = load_config(study)
+        _run_and_report(
+            config, out, force or [], until, "explanation drift, stage 1 → stage 2 (mean [95% CI])"
+        )
+    except (ConfigError, *_STUDY_ERRORS) as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/demo)")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="one small architecture on tiny data (< 2 min)")
+    ] = False,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="redo this step and what follows")
+    ] = None,
+) -> None:
+    """The whole study on the embedded phantom chest X-rays, offline: densenet201, resnet50v2 and inceptionv3
+    pretrained on a synthetic source task (stage 0), transfer (stage 1) and fine-tuning (stage 2), four CAM
+    methods, every drift metric, statistics and the HTML report. Prints the drift table and the report
+    path."""
+    from evidrift.presets import demo_config
+
+    _training_logs()
+    config = demo_config(quick=quick, out=out)
+    try:
+        _run_and_report(
+            config, None, force or [], None, "explanation drift, stage 1 → stage 2 (mean [95% CI])"
+        )
+    except _STUDY_ERRORS as exc:
+        raise fail(str(exc)) from None
+
+
+def _thresholds(items: list[str] | None, option: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for item in items or []:
+        name, sep, number = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            values[name.strip()] = float(number)
+        except ValueError:
+            raise fail(f"{option} {item!r}: write METRIC=VALUE, e.g. {option} topk_iou@0.2=0.5") from None
+    return values
+
+
+@app.command()
+def compare(
+    a: Annotated[
+        Path, typer.Argument(help="checkpoint A (.safetensors with its .json sidecar), the reference")
+    ],
+    b: Annotated[Path, typer.Argument(help="checkpoint B, the candidate (same architecture and classes)")],
+    data: Annotated[Path, typer.Option("--data", help="images: a folder of class folders or a CSV manifest")],
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/compare)")] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--methods", help="CAM methods (repeatable; default gradcam++, layercam, gradcam, xgradcam)"
+        ),
+    ] = None,
+    fail_below: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-below", help="METRIC=VALUE: exit 1 when the mean of METRIC is below VALUE (repeatable)"
+        ),
+    ] = None,
+    fail_above: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-above", help="METRIC=VALUE: exit 1 when the mean of METRIC is above VALUE (repeatable)"
+        ),
+    ] = None,
+    split: Annotated[
+        str,
+        typer.Option("--split", help="which images of a CSV with a split column: all, train, val or test"),
+    ] = "all",
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", min=1, help="explain at most this many")
+    ] = None,
+) -> None:
+    """Explanation drift between two checkpoints of one model on the same images, as a CI gate.
+
+    Both are explained with the same methods on every usable image of --data (target: the label), then
+    compared with every drift metric; writes drift.parquet, summary.csv and report.html into --out. With
+    --fail-below/--fail-above, exits 1 naming each metric, threshold and value that fails (under any
+    method)."""
+    from evidrift.compare import CompareError, check_gates, compare_checkpoints
+
+    below = _thresholds(fail_below, "--fail-below")
+    above = _thresholds(fail_above, "--fail-above")
+    try:
+        result = compare_checkpoints(
+            a,
+            b,
+            data,
+            out or Path("runs/compare"),
+            methods=methods,
+            split=split,
+            max_images=max_images,
+            gates=[*below, *above],
+        )
+        failures = check_gates(result.summary, below, above)
+    except (CompareError, *_STUDY_ERRORS) as exc:
+        raise fail(str(exc)) from None
+    _print_drift_table(
+        result.paths.root, f"explanation drift, A → B on {result.n_images} images (mean [95% CI])"
+    )
+    console.print(f"report: {result.paths.report.resolve()}", highlight=False)
+    for message in failures:
+        err_console.print(f"[bold red]gate failed:[/] {message}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+    if below or above:
+        console.print(f"all {len(below) + len(above)} gate(s) passed", highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (with config.yaml, drift.parquet, ...)")],
+) -> None:
+    """(Re)build run_dir/report.html and run_dir/figures/*.png from the run's artifacts."""
+    from evidrift.report import build_report
+
+    if not run_dir.is_dir():
+        raise fail(f"{run_dir} is not a directory; pass the run directory (the study's output.dir)")
+    try:
+        path = build_report(run_dir)
+    except _STUDY_ERRORS as exc:
+        raise fail(str(exc)) from None
+    console.print(f"report: {path.resolve()}", highlight=False)
+
 
 # --- probe / sanity (probing) --------------------------------------------------------------------------------
+def _ci_text(mean: float, low: float, high: float) -> str:
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+@app.command()
+def probe(
+    study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="phantom data, resnet18 at 128 px, a few minutes on 2 CPU cores")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="run directory (default: output.dir; --quick: runs/probe-quick)"),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+) -> None:
+    """Head probing study: heads {ce, bce} x {linear, linear_nobias, mlp2, mlp3} on one frozen backbone,
+    each explained and scored (accuracy, GridPG, pointing games against the lesion masks, entropy, Gini).
+
+    Writes probe.parquet, probe_summary.csv, probe_pairs.csv and figures/probe_*.png into the run directory;
+    `evidrift report` includes them. Resumable: trained heads are reused."""
+    from rich.table import Table
+
+    from evidrift.artifacts import RunPaths
+    from evidrift.config import ConfigError
+    from evidrift.probe import best_variants, probing_config, run_probe
+    from evidrift.report.probe_section import write_probe_figures
+
+    _training_logs()
+    try:
+        config = probing_config(study, quick, out)
+        paths = RunPaths.at(config.output.dir)
+        summary, pairs = run_probe(config, paths, progress)
+        figures = write_probe_figures(summary, paths.figures_dir)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    accuracy = summary[summary["metric"] == "correct"]
+    table = Table(title="test accuracy per head variant (95% bootstrap CI)")
+    for column in ("arch", "variant", "accuracy"):
+        table.add_column(column)
+    for _, row in accuracy.iterrows():
+        table.add_row(
+            str(row["arch"]), str(row["variant"]), _ci_text(row["mean"], row["ci_low"], row["ci_high"])
+        )
+    console.print(table)
+    best = best_variants(summary)
+    table = Table(title="best-localizing variant per method and metric (mean [95% CI]; runner-up)")
+    for column in ("arch", "method", "metric", "best variant", "mean [CI]", "runner-up"):
+        table.add_column(column)
+    for _, row in best.iterrows():
+        runner = f"{row['runner_up']} {row['runner_up_mean']:.3f}" if row["runner_up"] else "-"
+        table.add_row(str(row["arch"]), str(row["method"]), str(row["metric"]), str(row["variant"]),
+                      _ci_text(row["mean"], row["ci_low"], row["ci_high"]), runner)  # fmt: skip
+    console.print(table)
+    significant = int(pairs["significant"].sum()) if len(pairs) else 0
+    console.print(f"paired Wilcoxon tests between variants (Holm): {significant} of {len(pairs)} significant")
+    console.print(
+        f"tables: {paths.root / 'probe_summary.csv'}, {paths.root / 'probe_pairs.csv'}", highlight=False
+    )
+    console.print(f"figures: {', '.join(str(f) for f in figures)}", highlight=False)
+
+
+@app.command()
+def sanity(
+    study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="phantom data, resnet18 at 128 px, a few minutes on 2 CPU cores")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="run directory (default: output.dir; --quick: runs/probe-quick)"),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+) -> None:
+    """Sanity checks: cascading and independent parameter randomization (similarity of the maps to the
+    trained model's at every step), and the metrics' self-test (identical checkpoints give zero drift, a
+    randomized model a large one). Explains the run's stage-2 checkpoint, else stage 1 (trained if missing).
+
+    Writes sanity.parquet, sanity_summary.csv, sanity_selftest.json and figures/sanity_*.png; exits 1 when
+    the self-test fails."""
+    from rich.table import Table
+
+    from evidrift.artifacts import RunPaths
+    from evidrift.config import ConfigError
+    from evidrift.probe import probing_config
+    from evidrift.report.probe_section import write_sanity_figures
+    from evidrift.sanity import run_sanity
+
+    _training_logs()
+    try:
+        config = probing_config(study, quick, out)
+        paths = RunPaths.at(config.output.dir)
+        summary, checks = run_sanity(config, paths, progress)
+        figures = write_sanity_figures(summary, paths.figures_dir)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    last = summary.loc[summary.groupby(["arch", "mode", "method", "metric"])["step"].idxmax()]
+    table = Table(title="similarity to the original maps after the last randomization step (mean [95% CI])")
+    for column in ("arch", "mode", "method", "metric", "last block", "similarity"):
+        table.add_column(column)
+    for _, row in last.iterrows():
+        table.add_row(str(row["arch"]), str(row["mode"]), str(row["method"]), str(row["metric"]),
+                      str(row["block"]), _ci_text(row["mean"], row["ci_low"], row["ci_high"]))  # fmt: skip
+    console.print(table)
+    failed = [c for c in checks if not c["passed"]]
+    for check in failed:
+        err_console.print(f"self-test FAILED: {check['arch']} {check['method']} {check['check']}: {check['metric']} = "
+                          f"{check['value']:.4g}, expected {check['expected']}", highlight=False)  # fmt: skip
+    console.print(f"self-test: {len(checks) - len(failed)} of {len(checks)} checks passed", highlight=False)
+    console.print(f"figures: {', '.join(str(f) for f in figures)}", highlight=False)
+    if failed:
+        raise typer.Exit(1)

@@ -252,13 +252,47 @@ class StudyConfig(Section):
         return models
 
 
+def _section_model(parts: list[str]) -> type[BaseModel] | None:
+    """The pydantic model holding the key at dotted path ``parts`` (list indices skipped), or None."""
+    import typing
+
+    model: type[BaseModel] = StudyConfig
+    for part in parts[:-1]:
+        if part.isdigit() or part not in model.model_fields:
+            continue
+        stack, found = [model.model_fields[part].annotation], None
+        while stack and found is None:
+            candidate = stack.pop()
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                found = candidate
+            else:
+                stack.extend(typing.get_args(candidate))
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _describe_unknown_key(location: str, parts: list[str]) -> str:
+    """``a.b.typo: unknown key; did you mean 'key'? (allowed: k1, k2, ...)``."""
+    import difflib
+
+    model = _section_model(parts)
+    if model is None:
+        return f"{location}: unknown key (check the spelling; `evidrift validate` prints every valid key)"
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(parts[-1], keys, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{location}: unknown key; {hint}(allowed: {', '.join(keys)})"
+
+
 def _describe_error(error: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error["loc"]) or "(top level)"
     given = error.get("input")
     message = error["msg"]
     allowed = (error.get("ctx") or {}).get("expected")
     if error["type"] == "extra_forbidden":
-        return f"{location}: unknown key (check the spelling; see `evidrift validate --help` for the keys)"
+        return _describe_unknown_key(location, [str(part) for part in error["loc"]])
     text = f"{location}: {message}"
     if allowed:
         text += f" (allowed: {allowed})"

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import rankdata
 from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -114,6 +113,8 @@ def predict_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of every sample of ``feed``, sharded over processes and gathered: (labels [N] int64,
     logits [N, C] float32) in dataset order, identical on every process."""
+    if len(feed) == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     batches = epoch_batches(len(feed), batch_size, ctx, seed=0, epoch=0, shuffle=False, train=False)
     order = torch.as_tensor([i for b in batches for i in b], dtype=torch.long)
     labels, outputs = [], []
@@ -135,61 +136,13 @@ def predict_logits(
 
 
 # --- test-split evaluation ----------------------------------------------------------------------------------
-def _fast_metrics(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:
-    """(accuracy, macro-F1, macro AUROC) with numpy only (Mann-Whitney AUROC on average ranks); same values
-    as ``classification_metrics``, fast enough for thousands of bootstrap draws."""
-    n, n_classes = probs.shape
-    preds = probs.argmax(axis=1)
-    confusion = np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(
-        n_classes, -1
-    )
-    tp = np.diag(confusion).astype(np.float64)
-    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)
-    f1 = np.divide(2 * tp, denominator, out=np.zeros(n_classes), where=denominator > 0)
-    aurocs = []
-    for c in range(n_classes):
-        positives = labels == c
-        n_pos = int(positives.sum())
-        if 0 < n_pos < n:
-            ranks = rankdata(probs[:, c])
-            aurocs.append((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
-    return float(tp.sum() / n), float(f1.mean()), float(np.mean(aurocs)) if aurocs else float("nan")
-
-
-def bootstrap_summary(
-    y_true: np.ndarray, probs: np.ndarray, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
-) -> dict[str, float]:
-    """accuracy, macro_f1, macro_auroc and their percentile-bootstrap CIs (``{metric}_lo``/``_hi``),
-    resampling images with replacement (seeded); ``n`` the number of images."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    names = ("accuracy", "macro_f1", "macro_auroc")
-    point = classification_metrics(y_true, probs)
-    rng = np.random.default_rng(seed)
-    draws = np.array(
-        [
-            _fast_metrics(y_true[pick], probs[pick])
-            for pick in rng.integers(0, len(y_true), (n_boot, len(y_true)))
-        ]
-    )
-    out: dict[str, float] = {"n": float(len(y_true))}
-    alpha = (1 - ci) / 2
-    for column, name in enumerate(names):
-        values = draws[:, column][~np.isnan(draws[:, column])]
-        out[name] = point[name]
-        out[f"{name}_lo"] = float(np.quantile(values, alpha)) if len(values) else float("nan")
-        out[f"{name}_hi"] = float(np.quantile(values, 1 - alpha)) if len(values) else float("nan")
-    return out
-
-
 def summarize(y_true: np.ndarray, probs: np.ndarray, config: StudyConfig) -> dict[str, float]:
-    """Classification figures with CIs: ``evidrift.stats.classification_summary`` when it exists, else
-    ``bootstrap_summary`` with the study's stats settings."""
-    try:
-        from evidrift.stats import classification_summary  # type: ignore[attr-defined]
-    except ImportError:
-        return bootstrap_summary(y_true, probs, config.stats.n_boot, config.stats.ci, config.stats.seed)
-    return dict(classification_summary(y_true, probs))
+    """n, accuracy, macro_f1, macro_auroc and their ``_ci_low``/``_ci_high`` percentile-bootstrap bounds
+    (``evidrift.stats.classification_summary`` with the study's ``stats`` settings)."""
+    from evidrift.stats import classification_summary
+
+    stats = config.stats
+    return dict(classification_summary(y_true, probs, n_boot=stats.n_boot, ci=stats.ci, seed=stats.seed))
 
 
 def evaluate_model(
@@ -259,7 +212,7 @@ def evaluate_study(
             rich_table.add_column(column, justify="left" if column == "arch" else "right")
         for _, row in summary.iterrows():
             cells = [
-                f"{row[m]:.3f} [{row[f'{m}_lo']:.3f}, {row[f'{m}_hi']:.3f}]"
+                f"{row[m]:.3f} [{row[f'{m}_ci_low']:.3f}, {row[f'{m}_ci_high']:.3f}]"
                 for m in ("accuracy", "macro_f1", "macro_auroc")
             ]
             rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells)

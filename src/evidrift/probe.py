@@ -28,17 +28,48 @@ Outputs (run directory): ``probe.parquet`` (one row per arch, variant, method, u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import logging
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from evidrift.config import HeadConfig
-from evidrift.evaluate import probabilities
+from evidrift import models, stats
+from evidrift.artifacts import (
+    RunPaths,
+    config_hash,
+    save_safetensors_atomic,
+    write_csv_atomic,
+    write_parquet_atomic,
+)
+from evidrift.cam import CAMEngine, upsample
+from evidrift.config import (
+    ConfigError,
+    HeadConfig,
+    ModelConfig,
+    ProbeConfig,
+    StageConfig,
+    StudyConfig,
+    load_config,
+    parse_config,
+)
+from evidrift.distributed import Context
+from evidrift.evaluate import TensorFeed, probabilities
+from evidrift.metrics import complexity, localization
+from evidrift.train import StageFiles, determinism, fit, image_size_for, stage_hash, train_stage, uses_stage0
+
+logger = logging.getLogger("evidrift.probe")
 
 LOSSES: tuple[str, ...] = ("ce", "bce")
 HEADS: tuple[str, ...] = ("linear", "linear_nobias", "mlp2", "mlp3")
@@ -93,10 +124,12 @@ def confident_correct(
 
 # --- grids ---------------------------------------------------------------------------------------------------
 def cell_edges(size: int, n: int) -> list[int]:
-    """Pixel boundaries of n equal cells along a side of ``size`` pixels: n + 1 ints from 0 to size."""
+    """Pixel boundaries of n cells along a side of ``size`` pixels: n + 1 ints from 0 to size, edge r =
+    ceil(r · size / n), so that pixel i lies in cell floor(i · n / size) — the cells of
+    ``metrics.localization.gridpg``."""
     if n < 1 or size < n:
         raise ValueError(f"cannot split {size} pixels into {n} cells")
-    return [round(i * size / n) for i in range(n + 1)]
+    return [-(-r * size // n) for r in range(n + 1)]
 
 
 def cell_masks(height: int, width: int, n: int) -> torch.Tensor:
@@ -539,3 +572,140 @@ def probe_model(
 
 
 _TRAINING_KEYS = ("hidden", "epochs", "lr", "weight_decay", "batch_size", "seed")
+
+
+def run_probe(config: StudyConfig, paths: RunPaths, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The probing study for every model of ``config``: writes ``probe.parquet``, ``probe_summary.csv`` and
+    ``probe_pairs.csv`` into the run directory; returns (summary, pairs)."""
+    from evidrift.distributed import resolve_device
+
+    ctx = Context(device=resolve_device(config.train.device))
+    frame, classes = load_study_data(config, paths)
+    rows: list[dict[str, object]] = []
+    for model_cfg in config.models:
+        for row in probe_model(config, paths, model_cfg, frame, classes, ctx, progress):
+            rows.append({"arch": model_cfg.key, **row})
+    columns = ["arch", "variant", "loss", "head", "method", "unit", "unit_id", "target", "metric", "value"]
+    table = pd.DataFrame(rows)[columns]
+    write_parquet_atomic(paths.root / PROBE_FILES["table"], table)
+    summary, pairs = summarize_probe(table, config)
+    write_csv_atomic(paths.root / PROBE_FILES["summary"], summary)
+    write_csv_atomic(paths.root / PROBE_FILES["pairs"], pairs)
+    return summary, pairs
+
+
+def summarize_values(
+    table: pd.DataFrame, keys: Sequence[str], n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    """Per group of ``keys`` over a long table with a ``value`` column: n (finite values), n_nan, mean,
+    median, std (ddof 1) and the seeded percentile-bootstrap CI of the mean (``stats.bootstrap_ci``)."""
+    rows = []
+    for group, part in table.groupby(list(keys), sort=False):
+        values = part["value"].to_numpy(dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = stats.bootstrap_ci(finite, n_boot, ci, seed)
+        rows.append({
+            **dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True)),
+            "n": int(finite.size), "n_nan": int(values.size - finite.size),
+            "mean": float(finite.mean()) if finite.size else np.nan,
+            "median": float(np.median(finite)) if finite.size else np.nan,
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
+            "ci_low": low, "ci_high": high,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def paired_variant_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Wilcoxon signed-rank tests between every two variants on the units both scored (finite values), per
+    (arch, method, metric); Holm-corrected within each (arch, method, metric) family (``stats.wilcoxon_p``,
+    ``stats.holm``). Columns: arch, method, metric, variant_a, variant_b, n, mean_diff (a − b), p, p_holm,
+    significant."""
+    rows: list[dict[str, object]] = []
+    for (arch, method, metric), part in table.groupby(["arch", "method", "metric"], sort=False):
+        variants = list(dict.fromkeys(part["variant"]))
+        wide = part.pivot_table(index="unit_id", columns="variant", values="value", aggfunc="first")
+        family = []
+        for a, b in itertools.combinations(variants, 2):
+            pair = wide[[a, b]].dropna()
+            family.append({
+                "arch": arch, "method": method, "metric": metric, "variant_a": a, "variant_b": b,
+                "n": len(pair), "mean_diff": float((pair[a] - pair[b]).mean()) if len(pair) else np.nan,
+                "p": stats.wilcoxon_p(pair[a].to_numpy(), pair[b].to_numpy()),
+            })  # fmt: skip
+        for row, p_holm in zip(family, stats.holm([r["p"] for r in family]), strict=True):
+            row["p_holm"] = float(p_holm)
+            row["significant"] = bool(p_holm < alpha)
+        rows += family
+    columns = ["arch", "method", "metric", "variant_a", "variant_b", "n", "mean_diff", "p", "p_holm", "significant"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summarize_probe(table: pd.DataFrame, config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary per arch × variant × method × metric, paired tests between variants) of ``probe.parquet``."""
+    summary = summarize_values(
+        table, ["arch", "variant", "loss", "head", "method", "metric"], config.stats.n_boot, config.stats.ci,
+        config.stats.seed,
+    )  # fmt: skip
+    order = {m: i for i, m in enumerate(metric_order(summary["metric"].tolist()))}
+    summary = summary.sort_values(["arch", "method", "metric", "variant"], key=lambda s: s.map(order) if s.name == "metric" else s,
+                                  kind="stable").reset_index(drop=True)  # fmt: skip
+    return summary, paired_variant_tests(table, config.stats.alpha)
+
+
+def best_variants(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (arch, method, localization metric) the variant with the highest mean, with its CI and the
+    runner-up's mean: arch, method, metric, variant, mean, ci_low, ci_high, runner_up, runner_up_mean."""
+    rows = []
+    local = summary[summary["metric"].str.split("@").str[0].isin(LOCALIZATION_METRICS)]
+    for (arch, method, metric), part in local.groupby(["arch", "method", "metric"], sort=False):
+        ranked = part.dropna(subset=["mean"]).sort_values("mean", ascending=False)
+        if ranked.empty:
+            continue
+        top = ranked.iloc[0]
+        second = ranked.iloc[1] if len(ranked) > 1 else None
+        rows.append({
+            "arch": arch, "method": method, "metric": metric, "variant": top["variant"], "mean": top["mean"],
+            "ci_low": top["ci_low"], "ci_high": top["ci_high"],
+            "runner_up": None if second is None else second["variant"],
+            "runner_up_mean": np.nan if second is None else second["mean"],
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def quick_config(out: str | os.PathLike[str]) -> StudyConfig:
+    """The ``--quick`` study of ``evidrift probe`` / ``evidrift sanity``: 250 phantoms at 128 px, one small
+    architecture (resnet18 at 128 px) pretrained for a few epochs on the 300-image source set (stage 0),
+    heads trained 30 epochs on cached features, 20 grids of each size, 8 images for the sanity checks."""
+    return parse_config(
+        {
+            "data": {"source": "phantom", "phantom": {"n": 250, "size": 128, "n_source": 300},
+                     "split": {"val": 0.15, "test": 0.3}},
+            "models": [{"arch": "resnet18", "image_size": 128}],
+            "train": {
+                "stage0": {"epochs": 4, "lr": 0.002, "batch_size": 32, "monitor": "val_accuracy"},
+                "stage1": {"epochs": 10, "lr": 0.003, "batch_size": 32, "cache_features": True},
+                "stage2": {"epochs": 2, "lr": 0.0003, "batch_size": 32},
+            },
+            "probe": {"epochs": 30, "n_grids": 20, "batch_size": 32},
+            "sanity": {"n_images": 8},
+            "stats": {"n_boot": 1000},
+            "output": {"dir": str(Path(out).resolve())},
+        },
+        "the --quick preset",
+    )  # fmt: skip
+
+
+def probing_config(study: str | os.PathLike[str] | None, quick: bool, out: str | os.PathLike[str] | None) -> StudyConfig:
+    """The study of ``evidrift probe`` / ``evidrift sanity``: the ``--quick`` preset (into ``out``, default
+    ``runs/probe-quick``) or the study file with ``out`` overriding its ``output.dir``. Raises ConfigError
+    when both or neither are given."""
+    if quick:
+        if study is not None:
+            raise ConfigError(f"give either a study file ({study}) or --quick, not both")
+        return quick_config(out or "runs/probe-quick")
+    if study is None:
+        raise ConfigError("give a study file (e.g. `evidrift probe study.yaml`) or --quick [--out DIR]")
+    config = load_config(study)
+    if out is not None:
+        config.output.dir = Path(out).resolve()
+    return config

@@ -20,17 +20,25 @@ randomized model a large one.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from evidrift import models
+from evidrift.artifacts import RunPaths, write_csv_atomic, write_json_atomic, write_parquet_atomic
+from evidrift.config import ModelConfig, StudyConfig
+
+logger = logging.getLogger("evidrift.sanity")
 
 #: Containers whose children are randomized one by one (timm's stage lists).
 SPLIT_CONTAINERS: tuple[str, ...] = ("features", "stages", "blocks", "layers")
@@ -126,6 +134,11 @@ def hog_features(maps: torch.Tensor, cell: int = 16) -> torch.Tensor:
     return torch.from_numpy(np.stack(feats).astype(np.float32))
 
 
+def _shift_to_zero(maps: torch.Tensor) -> torch.Tensor:
+    """Each map minus its own minimum ([N, H, W] → ≥ 0): leaves the ranks of its pixels unchanged."""
+    return maps - maps.flatten(1).amin(dim=1)[:, None, None]
+
+
 def map_similarity(
     reference: torch.Tensor,
     current: torch.Tensor,
@@ -133,20 +146,283 @@ def map_similarity(
     current_signed: torch.Tensor,
     hog_cell: int = 16,
 ) -> dict[str, torch.Tensor]:
-    """Similarity of each map to its reference, maps [N, H, W] at the same (analysis) size.
+    """Similarity of each map to its reference; maps [N, H, W] at one size (the input size).
 
-    Returns ``SIMILARITY_METRICS`` → [N] float32: ``spearman_abs`` (of |map|), ``spearman_signed`` (of the
-    signed pre-ReLU maps), ``ssim``, ``topk_iou@0.2`` (each via ``evidrift.metrics.drift``) and
-    ``hog_spearman`` (Spearman of ``hog_features``). 1 means identical; NaN marks a degenerate map.
+    Returns ``SIMILARITY_METRICS`` → float64 [N] (1 = identical; NaN where a map is degenerate or constant):
+    ``spearman_abs`` (Spearman of |map|), ``spearman_signed`` (Spearman of the signed maps; each is shifted
+    by its own minimum first, which keeps its ranks, since ``evidrift.metrics`` clips negatives), ``ssim``,
+    ``topk_iou@0.2`` (``metrics.drift``) and ``hog_spearman`` (Spearman of ``hog_features``).
     """
     from evidrift.metrics import drift
 
-    ref_hog = hog_features(reference, hog_cell)
-    cur_hog = hog_features(current, hog_cell)
+    table = drift.compare(reference.abs(), current.abs(), metrics=["spearman", "ssim", "topk_iou@0.2"])
+    hog_ref = hog_features(reference, hog_cell)[:, None, :]
+    hog_cur = hog_features(current, hog_cell)[:, None, :]
     return {
-        "spearman_abs": drift.spearman(reference.abs(), current.abs()),
-        "spearman_signed": drift.spearman(reference_signed, current_signed),
-        "ssim": drift.ssim(reference, current),
-        "topk_iou@0.2": drift.topk_iou(reference, current, k=0.2),
-        "hog_spearman": drift.spearman(ref_hog[:, None, :], cur_hog[:, None, :]),
+        "spearman_abs": torch.tensor(table["spearman"].to_numpy()),
+        "spearman_signed": drift.spearman(_shift_to_zero(reference_signed), _shift_to_zero(current_signed)),
+        "ssim": torch.tensor(table["ssim"].to_numpy()),
+        "topk_iou@0.2": torch.tensor(table["topk_iou@0.2"].to_numpy()),
+        "hog_spearman": drift.spearman(hog_ref, hog_cur),
     }
+
+
+# --- maps of a model -----------------------------------------------------------------------------------------
+class NegatedScore(nn.Module):
+    """``model`` with its logits negated: explaining it gives each method's map of the evidence *against*
+    the target class (the gradient is −G). Its layers are ``model.<name>``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.model(x)
+
+
+@dataclass
+class ModelMaps:
+    """Maps of N images at the input size, per method: ``positive`` [N, H, W] ≥ 0 (the method's map) and
+    ``signed`` [N, H, W] = positive − the same method's map for the negated score. For methods linear in the
+    gradient (gradcam, xgradcam, hirescam) ``signed`` is exactly the map before its final ReLU; for
+    gradient-free methods (eigencam) it is 0."""
+
+    positive: dict[str, torch.Tensor]
+    signed: dict[str, torch.Tensor]
+
+
+def explain_model(
+    model: nn.Module,
+    layer: str,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    methods: Sequence[str],
+    batch_size: int = 16,
+    signed: bool = True,
+) -> ModelMaps:
+    """``ModelMaps`` of ``images`` [N, 3, H, W] for ``targets`` [N] int64 at ``layer``, through ``CAMEngine``
+    (one forward + backward per batch for every method; a second one on ``NegatedScore`` when ``signed``)."""
+    from evidrift.cam import CAMEngine, upsample
+
+    size = tuple(images.shape[-2:])
+    device = next(model.parameters()).device
+
+    def run(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+        with CAMEngine(net, layers=[name]) as engine:
+            for start in range(0, len(images), batch_size):
+                x = images[start : start + batch_size].to(device)
+                out = engine(x, targets[start : start + batch_size].to(device), methods=list(methods))
+                for m in methods:
+                    parts[m].append(upsample(out.maps[m], size).cpu())
+        return {m: torch.cat(v) for m, v in parts.items()}
+
+    positive = run(model, layer)
+    if not signed:
+        return ModelMaps(positive, positive)
+    negative = run(NegatedScore(model), f"model.{layer}")
+    return ModelMaps(positive, {m: positive[m] - negative[m] for m in methods})
+
+
+# --- randomization curves ------------------------------------------------------------------------------------
+def randomization_curves(
+    model: nn.Module,
+    layer: str,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    methods: Sequence[str],
+    modes: Sequence[Mode] = ("cascading", "independent"),
+    seed: int = 0,
+    hog_cell: int = 16,
+    batch_size: int = 16,
+    ids: Sequence[str] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Similarity of the maps to the original model's maps at every randomization step.
+
+    Step 0 is an unmodified copy of the model (so every curve starts at similarity 1); step k re-initializes
+    ``randomization_blocks(model)[k - 1]`` (seed ``seed + k``, the same draw in both modes) on top of the
+    earlier steps (``cascading``) or alone (``independent``). ``model`` itself is never modified.
+
+    Returns one row per (mode, step, method, image): mode, step, block, method, image, and one column per
+    ``SIMILARITY_METRICS``.
+    """
+    for mode in modes:
+        if mode not in ("cascading", "independent"):
+            raise ValueError(f"sanity mode must be 'cascading' or 'independent', got {mode!r}")
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
+    blocks = randomization_blocks(model)
+    reference = explain_model(model, layer, images, targets, methods, batch_size)
+    frames: list[pd.DataFrame] = []
+
+    def record(mode: str, step: int, block: str, net: nn.Module) -> None:
+        maps = explain_model(net, layer, images, targets, methods, batch_size)
+        for method in methods:
+            sims = map_similarity(reference.positive[method], maps.positive[method], reference.signed[method],
+                                  maps.signed[method], hog_cell)  # fmt: skip
+            frame = pd.DataFrame({k: v.numpy() for k, v in sims.items()})
+            frame.insert(0, "image", ids)
+            frame.insert(0, "method", method)
+            frame.insert(0, "block", block)
+            frame.insert(0, "step", step)
+            frame.insert(0, "mode", mode)
+            frames.append(frame)
+
+    total = len(modes) * (len(blocks) + 1)
+    with tqdm(total=total, desc="randomization", unit="step", leave=False, disable=not progress) as bar:
+        for mode in modes:
+            net = copy.deepcopy(model)
+            record(mode, 0, "original", net)
+            bar.update()
+            for k, block in enumerate(blocks, start=1):
+                if mode == "independent":
+                    net = copy.deepcopy(model)
+                randomize_blocks_(net, [block], seed + k)
+                record(mode, k, block, net)
+                bar.update()
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- self-test of the drift metrics --------------------------------------------------------------------------
+#: (check, metric, expectation, predicate on the mean) of the self-test.
+SELF_TEST_CHECKS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
+    ("identical checkpoints", "topk_iou@0.2", "= 1", lambda v: abs(v - 1.0) <= 1e-6),
+    ("identical checkpoints", "spearman", "= 1", lambda v: abs(v - 1.0) <= 1e-6),
+    ("identical checkpoints", "ssim", "= 1", lambda v: abs(v - 1.0) <= 1e-6),
+    ("identical checkpoints", "centroid_shift", "= 0", lambda v: abs(v) <= 1e-9),
+    ("identical checkpoints", "peak_shift", "= 0", lambda v: abs(v) <= 1e-9),
+    ("identical checkpoints", "js", "= 0", lambda v: abs(v) <= 1e-9),
+    ("randomized model", "topk_iou@0.2", "< 0.5", lambda v: v < 0.5),
+    ("randomized model", "spearman", "< 0.5", lambda v: v < 0.5),
+    ("randomized model", "js", "> 0.05", lambda v: v > 0.05),
+)
+
+
+def self_test(
+    checkpoint: str | os.PathLike[str],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    methods: Sequence[str],
+    work_dir: str | os.PathLike[str],
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[dict[str, object]]:
+    """The drift metrics against known answers, per method: the checkpoint is written a second time
+    (``models.save_checkpoint`` into ``work_dir``) and both files loaded — their maps must show zero drift;
+    the model with every block re-initialized must show a large drift (``SELF_TEST_CHECKS``).
+
+    Returns one record per (method, check, metric): check, method, metric, value (the mean over the images,
+    NaN rows ignored), expected, passed.
+    """
+    from evidrift.metrics import drift
+
+    model_a, meta = models.load_checkpoint(checkpoint)
+    copy_path = Path(work_dir) / "selftest_copy.safetensors"
+    models.save_checkpoint(copy_path, model_a, meta)
+    model_b, _ = models.load_checkpoint(copy_path)
+    randomized = randomize_blocks_(copy.deepcopy(model_a), randomization_blocks(model_a), seed)
+    layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model_a, meta["arch"])
+    names = sorted({metric for _, metric, _, _ in SELF_TEST_CHECKS})
+    maps = {
+        "a": explain_model(model_a, layer[0], images, targets, methods, batch_size, signed=False).positive,
+        "identical checkpoints": explain_model(model_b, layer[0], images, targets, methods, batch_size, signed=False).positive,
+        "randomized model": explain_model(randomized, layer[0], images, targets, methods, batch_size, signed=False).positive,
+    }  # fmt: skip
+    for leftover in (copy_path, models.sidecar_path(copy_path)):
+        leftover.unlink(missing_ok=True)
+    records: list[dict[str, object]] = []
+    for method in methods:
+        tables = {c: drift.compare(maps["a"][method], maps[c][method], metrics=names) for c in maps if c != "a"}
+        for check, metric, expected, predicate in SELF_TEST_CHECKS:
+            value = float(np.nanmean(tables[check][metric].to_numpy())) if tables[check][metric].notna().any() else math.nan
+            records.append(dict(check=check, method=method, metric=metric, value=value, expected=expected,
+                                passed=bool(math.isfinite(value) and predicate(value))))  # fmt: skip
+    return records
+
+
+# --- the study -----------------------------------------------------------------------------------------------
+#: Files of the sanity checks in the run directory.
+SANITY_FILES: dict[str, str] = {
+    "table": "sanity.parquet",
+    "summary": "sanity_summary.csv",
+    "selftest": "sanity_selftest.json",
+    "work": "sanity",
+}
+
+
+def sanity_modes(mode: str) -> list[Mode]:
+    """``both`` → [cascading, independent]; otherwise [mode]."""
+    return ["cascading", "independent"] if mode == "both" else [mode]  # type: ignore[list-item]
+
+
+def sanity_checkpoint(config: StudyConfig, paths: RunPaths, model_cfg: ModelConfig, progress: bool = True) -> Path:
+    """The checkpoint the sanity checks explain: the run's stage 2 when trained, else stage 1; when neither
+    exists, stages 0 (if needed) and 1 are trained first (``train.train_study``; resumable)."""
+    from evidrift.train import train_study
+
+    for stage in ("2", "1"):
+        path = paths.checkpoint(model_cfg.key, stage)
+        if path.is_file() and models.sidecar_path(path).is_file():
+            return path
+    logger.info("%s: no stage-1/2 checkpoint in %s; training stages 0-1 first", model_cfg.key, paths.root)
+    done = train_study(config, paths, arch=model_cfg.key, stages=("0", "1"), progress=progress)
+    return done[model_cfg.key]["1"]
+
+
+def sample_test_images(
+    config: StudyConfig, paths: RunPaths, meta: dict[str, object], n_images: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``n_images`` test images drawn at random (seeded), preprocessed as the checkpoint expects:
+    (images [n, 3, S, S] float32, labels [n] int64, ids)."""
+    from evidrift.data.dataset import ManifestDataset
+    from evidrift.data.sources import load_manifest
+
+    frame, classes = load_manifest(paths)
+    test = frame[(frame["split"] == "test") & (frame["status"] == "ok")]
+    if test.empty:
+        raise ValueError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
+    test = test.sample(n=min(n_images, len(test)), random_state=seed).reset_index(drop=True)
+    dataset = ManifestDataset(test, classes, int(meta["image_size"]), resize=config.data.resize,  # type: ignore[arg-type]
+                              mean=meta["mean"], std=meta["std"])  # type: ignore[arg-type]  # fmt: skip
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([it["image"] for it in items])
+    labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return images, labels, [str(it["id"]) for it in items]
+
+
+def summarize_curves(curves: pd.DataFrame, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Mean similarity and its percentile-bootstrap CI per (arch, mode, step, block, method, metric)."""
+    from evidrift.probe import summarize_values
+
+    keys = ["arch", "mode", "step", "block", "method"]
+    long = curves.melt(id_vars=[*keys, "image"], value_vars=list(SIMILARITY_METRICS), var_name="metric")
+    return summarize_values(long, [*keys, "metric"], n_boot=n_boot, ci=ci, seed=seed)
+
+
+def run_sanity(config: StudyConfig, paths: RunPaths, progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, object]]]:
+    """Randomization curves and the self-test for every model of the study; writes ``sanity.parquet``,
+    ``sanity_summary.csv`` and ``sanity_selftest.json``. Returns (summary, self-test records)."""
+    cfg = config.sanity
+    curves, checks = [], []
+    for model_cfg in config.models:
+        checkpoint = sanity_checkpoint(config, paths, model_cfg, progress)
+        model, meta = models.load_checkpoint(checkpoint)
+        layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model, model_cfg.arch)
+        images, labels, ids = sample_test_images(config, paths, meta, cfg.n_images, cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            frame = randomization_curves(model, layer[0], images, labels, cfg.methods, sanity_modes(cfg.mode),
+                                         cfg.seed, cfg.hog_cell, config.explain.batch_size, ids, progress)  # fmt: skip
+        frame.insert(0, "arch", model_cfg.key)
+        frame.insert(1, "checkpoint", checkpoint.name)
+        curves.append(frame)
+        work = paths.root / SANITY_FILES["work"]
+        work.mkdir(parents=True, exist_ok=True)
+        for record in self_test(checkpoint, images, labels, cfg.methods, work, cfg.seed, config.explain.batch_size):
+            checks.append({"arch": model_cfg.key, **record})
+    table = pd.concat(curves, ignore_index=True)
+    write_parquet_atomic(paths.root / SANITY_FILES["table"], table)
+    summary = summarize_curves(table, config.stats.n_boot, config.stats.ci, config.stats.seed)
+    write_csv_atomic(paths.root / SANITY_FILES["summary"], summary)
+    write_json_atomic(paths.root / SANITY_FILES["selftest"],
+                      {"passed": all(c["passed"] for c in checks), "checks": checks})  # fmt: skip
+    return summary, checks

@@ -311,7 +311,7 @@ def fit(
             seconds=time.perf_counter() - started,
         )
         value = float(record[cfg.monitor])
-        if improved(value, state.best, cfg.monitor):
+        if len(val_feed) == 0 or improved(value, state.best, cfg.monitor):  # no val split: keep the last
             state.best, state.best_epoch, state.bad_epochs = value, epoch, 0
             state.best_metrics = dict(record)
             if ctx.is_main:
@@ -324,14 +324,19 @@ def fit(
         if ctx.is_main:
             log_epoch(files.metrics, {"stage": stage, "epoch": epoch, "config_hash": tag, **record})
             save_resume_state(files.last, model, optimizer, state, tag)
-        logger.info(
-            "%s epoch %d/%d  train_loss %.4f  val_loss %.4f  acc %.3f  macro-F1 %.3f  AUROC %.3f  lr %.2e  "
-            "%.0f img/s%s", label, epoch + 1, cfg.epochs, record["train_loss"], record["val_loss"],
-            record["val_accuracy"], record["val_macro_f1"], record["val_macro_auroc"], record["lr"],
-            record["images_per_s"], "  (early stop)" if state.stopped else "",
-        )  # fmt: skip
+            _log_line(label, epoch, cfg.epochs, record, state.stopped)
         distributed.barrier(ctx)
     return state
+
+
+def _log_line(label: str, epoch: int, epochs: int, record: dict[str, Any], stopped: bool) -> None:
+    """The one log line of an epoch."""
+    logger.info(
+        "%s epoch %d/%d  train_loss %.4f  val_loss %.4f  acc %.3f  macro-F1 %.3f  AUROC %.3f  lr %.2e  "
+        "%.0f img/s%s", label, epoch + 1, epochs, record["train_loss"], record["val_loss"],
+        record["val_accuracy"], record["val_macro_f1"], record["val_macro_auroc"], record["lr"],
+        record["images_per_s"], "  (early stop)" if stopped else "",
+    )  # fmt: skip
 
 
 def validate(
@@ -381,17 +386,13 @@ def _load_data(
     """(manifest frame, classes) of the stage's data set; rank 0 prepares it, the others wait then read it."""
     from evidrift.data import sources
 
-    if stage == "0":
-        frame = sources.prepare_source_data(config, paths) if ctx.is_main else None
-        distributed.barrier(ctx)
-        if frame is None:  # the other ranks read what rank 0 prepared
-            frame = sources.prepare_source_data(config, paths)
-        classes = [str(c) for c in frame.sort_values("label_idx").drop_duplicates("label_idx")["label"]]
-        return frame, classes
-    if ctx.is_main and not paths.manifest.exists():
-        sources.prepare_data(config, paths)
+    if ctx.is_main:
+        if stage == "0":
+            sources.prepare_source_data(config, paths)
+        elif not paths.manifest.exists():
+            sources.prepare_data(config, paths)
     distributed.barrier(ctx)
-    return sources.load_manifest(paths)
+    return sources.load_manifest(paths, source=stage == "0")
 
 
 def _dataset(
@@ -515,12 +516,12 @@ def train_stage(
             head_module = models.get_head(model)
             trainable = _ddp(head_module, ctx)
             if cfg.cache_features:
-                cache = files.final.with_name("stage1.features")
+                folder = files.final.parent
                 train_feed = _cached_features(
-                    model, train_feed, ctx, cfg.batch_size, cache.with_suffix(".train.safetensors"), tag
+                    model, train_feed, ctx, cfg.batch_size, folder / "stage1.features.train.safetensors", tag
                 )
                 val_feed = _cached_features(
-                    model, val_feed, ctx, cfg.batch_size, cache.with_suffix(".val.safetensors"), tag
+                    model, val_feed, ctx, cfg.batch_size, folder / "stage1.features.val.safetensors", tag
                 )
                 forward_train, forward_eval = trainable, head_module
             else:

@@ -339,11 +339,14 @@ class CAMEngine:
         per_layer: dict[tuple[str, str], torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             A = self._to_grid(self._acts[layer].detach(), input_hw)
-            G = self._to_grid(grads[i], input_hw) if layer_grads else None
-            if T > 1:  # grads come batched over the targets: [T, B, ...] → [B·T, ...]
+            G = None
+            if layer_grads:
+                g = grads[i]
+                if T > 1:  # grads come batched over the targets: [T, B, ...] → [B·T, ...] (image-major)
+                    g = g.transpose(0, 1).reshape(B * T, *g.shape[2:])
+                G = self._to_grid(g, input_hw)
+            if T > 1:
                 A = A.unsqueeze(1).expand(B, T, *A.shape[1:]).reshape(B * T, *A.shape[1:])
-                if G is not None:
-                    G = G.reshape(T, B, *G.shape[1:]).transpose(0, 1).reshape(B * T, *G.shape[1:])
             for name in layer_names:
                 fn = method_spec(name).fn
                 assert fn is not None

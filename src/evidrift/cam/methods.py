@@ -92,7 +92,7 @@ def first_component_projection(M: torch.Tensor, reference: torch.Tensor) -> torc
     if h * w <= K:
         gram = X @ X.transpose(1, 2)  # [B, hw, hw]
         eigvals, eigvecs = torch.linalg.eigh(gram)
-        proj = eigvecs[..., -1] * eigvals[..., -1].clamp_min(0).sqrt()  # [B, hw]
+        proj = eigvecs[..., -1] * eigvals[..., -1:].clamp_min(0).sqrt()  # [B, hw]
     else:
         cov = X.transpose(1, 2) @ X  # [B, K, K]
         _, eigvecs = torch.linalg.eigh(cov)

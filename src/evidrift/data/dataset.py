@@ -21,7 +21,9 @@ from evidrift.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """The 63-bit seed of one item's augmentation."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(
+        2, np.uint32
+    )
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
@@ -47,11 +49,17 @@ class ManifestDataset(Dataset[dict[str, Any]]):
     ) -> None:
         if "status" in frame.columns and (frame["status"] != "ok").any():
             bad = frame.loc[frame["status"] != "ok", "path"].iloc[0]
-            raise ValueError(f"ManifestDataset needs rows with status 'ok'; e.g. {bad} is not (filter the frame)")
+            raise ValueError(
+                f"ManifestDataset needs rows with status 'ok'; e.g. {bad} is not (filter the frame)"
+            )
         self.frame = frame.reset_index(drop=True)
         self.classes = list(classes)
         self.paths = self.frame["path"].astype(str).tolist()
-        self.ids = self.frame["id"].astype(str).tolist() if "id" in self.frame else [str(i) for i in range(len(frame))]
+        self.ids = (
+            self.frame["id"].astype(str).tolist()
+            if "id" in self.frame
+            else [str(i) for i in range(len(frame))]
+        )
         if "label_idx" in self.frame:
             self.labels = [int(v) for v in self.frame["label_idx"]]
         else:
@@ -82,12 +90,19 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         if self.with_mask:
             mask = read_mask(mask_path) if mask_path is not None else np.zeros(image.shape, dtype=bool)
             if mask.shape != image.shape:
-                raise ValueError(f"mask {mask_path} is {mask.shape} but image {self.paths[index]} is {image.shape}")
+                raise ValueError(
+                    f"mask {mask_path} is {mask.shape} but image {self.paths[index]} is {image.shape}"
+                )
         generator = None
         if self.preprocess.augment:
             generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         tensor, target = self.preprocess(image, mask, generator)
-        item: dict[str, Any] = {"image": tensor, "label": self.labels[index], "id": self.ids[index], "index": index}
+        item: dict[str, Any] = {
+            "image": tensor,
+            "label": self.labels[index],
+            "id": self.ids[index],
+            "index": index,
+        }
         if self.with_mask:
             item["mask"] = target
             item["has_mask"] = mask_path is not None

@@ -164,9 +164,13 @@ def _read_pillow(file: Path) -> np.ndarray:
                 return _min_max(data.astype(np.float64))
             if mode == "F":
                 return _scale_to_unit(np.asarray(image))
-            raise ImageReadError(f"{file}: unsupported Pillow image mode {mode!r}; convert it to PNG (L or I;16)")
+            raise ImageReadError(
+                f"{file}: unsupported Pillow image mode {mode!r}; convert it to PNG (L or I;16)"
+            )
     except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{file}: not a recognised image format (PNG, JPEG, TIFF, BMP or DICOM)") from exc
+        raise ImageReadError(
+            f"{file}: not a recognised image format (PNG, JPEG, TIFF, BMP or DICOM)"
+        ) from exc
     except OSError as exc:
         raise ImageReadError(f"{file}: corrupt or truncated image ({exc})") from exc
 
@@ -199,6 +203,16 @@ def _decoder_hint(transfer_syntax: str) -> str:
         if transfer_syntax.startswith(prefix):
             return packages
     return "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+
+
+def _decoder_available(transfer_syntax: object) -> bool:
+    """True when pydicom has a working decoder plugin for ``transfer_syntax`` (unknown syntaxes: False)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(transfer_syntax).is_available)  # type: ignore[arg-type]
+    except NotImplementedError:
+        return False
 
 
 def _voi_output_range(ds: object) -> tuple[float, float] | None:
@@ -244,18 +258,23 @@ def _read_dicom(file: Path) -> np.ndarray:
             f"{file}: multi-frame DICOM ({frames} frames) is not supported; export the frame to classify as "
             "a single-frame DICOM or PNG"
         )
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if (
+        transfer_syntax is not None
+        and transfer_syntax.is_compressed
+        and not _decoder_available(transfer_syntax)
+    ):
+        raise ImageReadError(
+            f"{file}: compressed transfer syntax {transfer_syntax.name} ({transfer_syntax}) has no decoder "
+            f"installed; install one with `pip install {_decoder_hint(str(transfer_syntax))}`"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = ds.pixel_array
     except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if transfer_syntax is not None and transfer_syntax.is_compressed:
-            raise ImageReadError(
-                f"{file}: compressed transfer syntax {transfer_syntax.name} ({transfer_syntax}) has no decoder "
-                f"installed; install one with `pip install {_decoder_hint(str(transfer_syntax))}`"
-            ) from exc
-        raise ImageReadError(f"{file}: pixel data cannot be decoded ({exc})") from exc
+        raise ImageReadError(f"{file}: DICOM pixel data cannot be decoded ({exc})") from exc
     except (ValueError, EOFError) as exc:
         raise ImageReadError(f"{file}: corrupt or truncated DICOM pixel data ({exc})") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -269,10 +288,13 @@ def _read_dicom(file: Path) -> np.ndarray:
         raise ImageReadError(f"{file}: photometric interpretation {photometric} is not supported")
     if pixels.ndim != 2:
         raise ImageReadError(f"{file}: pixel array of shape {pixels.shape} is not a single grayscale frame")
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    modality = np.asarray(apply_modality_lut(pixels, ds))
+    if np.issubdtype(modality.dtype, np.floating) and np.array_equal(modality, np.round(modality)):
+        modality = modality.astype(np.int64)  # a VOI LUT indexes by integer values
+    values = modality.astype(np.float64)
     voi_range = _voi_output_range(ds)
     if voi_range is not None:
-        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+        values = np.asarray(apply_voi_lut(modality, ds), dtype=np.float64)
         low, high = voi_range
         values = (values - low) / (high - low) if high > low else np.zeros_like(values)
     else:

@@ -1,4 +1,4 @@
-"""Where images come from: the phantom set, class folders or a CSV manifest → one checked manifest (DESIGN § 3).
+"""Where images come from: phantom set, class folders or CSV manifest → one checked manifest (DESIGN § 3).
 
 ``prepare_data(config, paths)`` turns ``config.data`` into ``run/data/manifest.parquet`` (written atomically)
 and ``run/data/classes.json`` (the class names in label-index order, a JSON list). Manifest columns:
@@ -78,13 +78,13 @@ class ManifestError(ValueError):
     """A data source that cannot be used; the message names the file or row and how to fix it."""
 
 
-# --- public entry points --------------------------------------------------------------------------------------
+# --- public entry points ------------------------------------------------------------------------------------
 def prepare_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
     """Build, check and write the target manifest of ``config.data``; returns it (all rows, skipped included).
 
     ``phantom``: generates the set into ``run/data/phantoms`` (reused when present with the same parameters)
-    and reads its manifest.csv. ``folder``: one sub-folder per class under ``data.path``. ``csv``: the manifest
-    at ``data.path``. Writes ``run/data/manifest.parquet`` and ``run/data/classes.json``.
+    and reads its manifest.csv. ``folder``: one sub-folder per class under ``data.path``. ``csv``: the
+    manifest at ``data.path``. Writes ``run/data/manifest.parquet`` and ``run/data/classes.json``.
     """
     data = config.data
     if data.source == "phantom":
@@ -129,7 +129,8 @@ def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
     phantom = config.data.phantom
     if phantom.n_source < len(SOURCE_CLASSES):
         raise ManifestError(
-            f"data.phantom.n_source = {phantom.n_source} is too small for stage-0 pretraining; set it to at least "
+            f"data.phantom.n_source = {phantom.n_source} is too small for stage-0 pretraining; "
+            "set it to at least "
             f"{len(SOURCE_CLASSES)} (one image per source class), e.g. 800"
         )
     out = paths.data_dir / "source"
@@ -168,7 +169,7 @@ def load_manifest(paths: RunPaths, source: bool = False) -> tuple[pd.DataFrame, 
     return frame, list(classes)
 
 
-# --- reading sources ------------------------------------------------------------------------------------------
+# --- reading sources ----------------------------------------------------------------------------------------
 def scan_class_folders(root: str | os.PathLike[str], classes: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per image file under ``root/{class}/`` (recursively; hidden files ignored).
 
@@ -176,29 +177,37 @@ def scan_class_folders(root: str | os.PathLike[str], classes: Sequence[str] | No
     unknown label and a class without a folder (or without images) is an empty class."""
     base = Path(root)
     if not base.is_dir():
-        raise ManifestError(f"data.path {base} is not a folder; point it at a folder with one sub-folder per class")
+        raise ManifestError(
+            f"data.path {base} is not a folder; point it at a folder with one sub-folder per class"
+        )
     folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ManifestError(f"{base} has no sub-folders; put the images of each class in {base}/<class name>/")
+        raise ManifestError(
+            f"{base} has no sub-folders; put the images of each class in {base}/<class name>/"
+        )
     names = [p.name for p in folders]
     if classes is not None:
         unknown = [n for n in names if n not in classes]
         if unknown:
             raise ManifestError(
-                f"{base}: sub-folder(s) {unknown} are not in data.classes {list(classes)}; add them to data.classes "
+                f"{base}: sub-folder(s) {unknown} are not in data.classes {list(classes)}; "
+                "add them to data.classes "
                 "or move them out of the data folder"
             )
     rows = []
     for folder in folders:
         for file in sorted(folder.rglob("*")):
             if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"path": file.relative_to(base).as_posix(), "label": folder.name, "where": str(file)})
+                rows.append(
+                    {"path": file.relative_to(base).as_posix(), "label": folder.name, "where": str(file)}
+                )
     wanted = list(classes) if classes is not None else names
     counts = {name: sum(r["label"] == name for r in rows) for name in wanted}
     empty = [name for name, count in counts.items() if count == 0]
     if empty:
         raise ManifestError(
-            f"{base}: class(es) {empty} have no images (looked for {sorted(IMAGE_SUFFIXES)} in {base}/<class>/); "
+            f"{base}: class(es) {empty} have no images "
+            f"(looked for {sorted(IMAGE_SUFFIXES)} in {base}/<class>/); "
             "add images or remove the class from data.classes / the empty folder"
         )
     return pd.DataFrame(rows, columns=["path", "label", "where"])
@@ -215,19 +224,22 @@ def read_csv_manifest(csv: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
     try:
         table = pd.read_csv(file, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise ManifestError(f"{file} cannot be parsed as CSV ({exc}); it needs a header line `path,label`") from None
+        raise ManifestError(
+            f"{file} cannot be parsed as CSV ({exc}); it needs a header line `path,label`"
+        ) from None
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise ManifestError(
-            f"{file}: missing column(s) {missing} (found {list(table.columns)}); the header needs at least `path,label`"
+            f"{file}: missing column(s) {missing} (found {list(table.columns)}); "
+            "the header needs at least `path,label`"
         )
     table = table.map(lambda value: value.strip() if isinstance(value, str) else value)
     table["where"] = [f"{file} line {i + 2}" for i in range(len(table))]
     return table, str(file)
 
 
-# --- building and checking ------------------------------------------------------------------------------------
+# --- building and checking ----------------------------------------------------------------------------------
 def build_manifest(
     raw: pd.DataFrame,
     root: str | os.PathLike[str],
@@ -253,11 +265,21 @@ def build_manifest(
     if table.empty:
         raise ManifestError(f"{origin}: no images listed")
 
-    blank = [w for w, p, lab in zip(table["where"], table["path"], table["label"], strict=True) if not p or not lab]
+    blank = [
+        w for w, p, lab in zip(table["where"], table["path"], table["label"], strict=True) if not p or not lab
+    ]
     _raise_if(blank, f"{origin}: empty path or label", "fill in both the path and the label of each row")
 
-    unknown = [f"{w}: label {lab!r}" for w, lab in zip(table["where"], table["label"], strict=True) if lab not in classes]
-    _raise_if(unknown, f"{origin}: labels not in the classes {classes}", "correct the label or add it to data.classes")
+    unknown = [
+        f"{w}: label {lab!r}"
+        for w, lab in zip(table["where"], table["label"], strict=True)
+        if lab not in classes
+    ]
+    _raise_if(
+        unknown,
+        f"{origin}: labels not in the classes {classes}",
+        "correct the label or add it to data.classes",
+    )
 
     counts = table["label"].value_counts()
     empty = [c for c in classes if counts.get(c, 0) == 0]
@@ -273,12 +295,18 @@ def build_manifest(
         listed = [f"{path} in {', '.join(where)}" for path, where in groups.items()]
         _raise_if(listed, f"{origin}: the same image is listed more than once", "keep one row per image")
 
-    missing = [f"{w}: {p}" for w, p in zip(table["where"], table["abs_path"], strict=True) if not Path(p).is_file()]
-    _raise_if(missing, f"{origin}: image files not found", "fix the path (relative to the CSV's folder) or remove the row")
+    missing = [
+        f"{w}: {p}" for w, p in zip(table["where"], table["abs_path"], strict=True) if not Path(p).is_file()
+    ]
+    _raise_if(
+        missing,
+        f"{origin}: image files not found",
+        "fix the path (relative to the CSV's folder) or remove the row",
+    )
 
     splits = _given_splits(table, origin)
     patients = _patient_ids(table)
-    table["bbox"] = _boxes(table, origin)
+    boxes = _boxes(table, origin)
     mask_paths = _mask_paths(table, base, origin)
 
     # decode every image once: corrupt files and mask sizes are found before any training
@@ -286,7 +314,11 @@ def build_manifest(
     problems: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
         shapes = list(pool.map(_try_shape, table["abs_path"]))
-    bad = [(w, p, s) for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True) if isinstance(s, str)]
+    bad = [
+        (w, p, s)
+        for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True)
+        if isinstance(s, str)
+    ]
     if bad and on_bad_image == "error":
         _raise_if(
             [f"{w}: {reason}" for w, _, reason in bad],
@@ -294,7 +326,7 @@ def build_manifest(
             "replace or remove these files, or set data.on_bad_image: skip to leave them out",
         )
     for where, path, shape, mask_path, box in zip(
-        table["where"], table["abs_path"], shapes, mask_paths, table["bbox"], strict=True
+        table["where"], table["abs_path"], shapes, mask_paths, boxes, strict=True
     ):
         if isinstance(shape, str):
             statuses.append(f"skipped: {shape}")
@@ -337,14 +369,14 @@ def build_manifest(
             "split": list(splits),
             "patient_id": patients,
             "mask_path": mask_paths,
-            "bbox": table["bbox"],
+            "bbox": boxes,
             "status": statuses,
         }
     )
-    extra = [c for c in table.columns if c not in _CSV_KNOWN and c not in {"where", "abs_path", "bbox"}]
+    extra = [c for c in table.columns if c not in _CSV_KNOWN and c not in {"where", "abs_path"}]
     for column in extra:
         if column not in frame.columns:
-            frame[column] = table[column].to_numpy()
+            frame[column] = _typed(table[column])
     return frame
 
 
@@ -364,7 +396,8 @@ def assign_splits(
         return []
     rng = np.random.default_rng(seed)
     group_keys = [
-        (f"g:{g}" if g is not None else f"row:{i}") for i, g in enumerate(groups if groups is not None else [None] * n)
+        (f"g:{g}" if g is not None else f"row:{i}")
+        for i, g in enumerate(groups if groups is not None else [None] * n)
     ]
     class_names = sorted(set(labels))
     class_index = {c: k for k, c in enumerate(class_names)}
@@ -396,7 +429,7 @@ def assign_splits(
     return result
 
 
-# --- helpers --------------------------------------------------------------------------------------------------
+# --- helpers ------------------------------------------------------------------------------------------------
 def _largest_remainder(count: int, fractions: np.ndarray) -> np.ndarray:
     raw = fractions * count
     base = np.floor(raw)
@@ -435,8 +468,12 @@ def _given_splits(table: pd.DataFrame, origin: str) -> list[str] | None:
     values = [str(v).lower() for v in table["split"]]
     if all(v == "" for v in values):
         return None
-    wrong = [f"{w}: split {v!r}" for w, v in zip(table["where"], values, strict=True) if v not in _SPLIT_ALIASES]
-    _raise_if(wrong, f"{origin}: invalid split values", "use train, val or test on every row (or drop the column)")
+    wrong = [
+        f"{w}: split {v!r}" for w, v in zip(table["where"], values, strict=True) if v not in _SPLIT_ALIASES
+    ]
+    _raise_if(
+        wrong, f"{origin}: invalid split values", "use train, val or test on every row (or drop the column)"
+    )
     splits = [_SPLIT_ALIASES[v] for v in values]
     if "patient_id" in table.columns:
         seen: dict[str, set[str]] = {}
@@ -444,7 +481,9 @@ def _given_splits(table: pd.DataFrame, origin: str) -> list[str] | None:
             if patient:
                 seen.setdefault(patient, set()).add(split)
         leaks = [f"patient {p!r} in {sorted(s)}" for p, s in seen.items() if len(s) > 1]
-        _raise_if(leaks, f"{origin}: patients in more than one split", "give all images of a patient the same split")
+        _raise_if(
+            leaks, f"{origin}: patients in more than one split", "give all images of a patient the same split"
+        )
     return splits
 
 
@@ -487,8 +526,16 @@ def _mask_paths(table: pd.DataFrame, base: Path, origin: str) -> list[str | None
     if "mask" not in table.columns:
         return [None] * len(table)
     paths: list[str | None] = [_resolve(base, m) if m else None for m in table["mask"]]
-    missing = [f"{w}: {m}" for w, m in zip(table["where"], paths, strict=True) if m is not None and not Path(m).is_file()]
-    _raise_if(missing, f"{origin}: mask files not found", "fix the mask path (relative to the CSV's folder) or leave it empty")
+    missing = [
+        f"{w}: {m}"
+        for w, m in zip(table["where"], paths, strict=True)
+        if m is not None and not Path(m).is_file()
+    ]
+    _raise_if(
+        missing,
+        f"{origin}: mask files not found",
+        "fix the mask path (relative to the CSV's folder) or leave it empty",
+    )
     return paths
 
 
@@ -504,6 +551,17 @@ def _ids(table: pd.DataFrame, base: Path) -> list[str]:
         except ValueError:
             ids.append(candidate.with_suffix("").as_posix())
     return ids
+
+
+def _typed(column: pd.Series) -> pd.Series:
+    """An extra CSV column (read as text) as bool or numbers when every non-empty cell is one."""
+    cells = column.astype(str)
+    if cells.isin(["True", "False", "true", "false"]).all():
+        return cells.str.lower() == "true"
+    numeric = pd.to_numeric(cells.replace("", np.nan), errors="coerce")
+    if numeric.notna().sum() == (cells != "").sum():
+        return numeric
+    return column
 
 
 def _write(folder: Path, frame: pd.DataFrame, classes: list[str]) -> None:

@@ -1,10 +1,10 @@
-"""Image [H, W] in [0, 1] → model input [3, S, S] (DESIGN § 2): resize, light augmentation, 3 channels, normalize.
+"""Image [H, W] in [0, 1] → model input [3, S, S] (DESIGN § 2): resize, augmentation, 3 channels, normalize.
 
 Resizing keeps the aspect ratio: ``pad`` scales the longer side to S and pads the shorter one symmetrically
 with 0 (black, like the air around a radiograph); ``crop`` scales the shorter side to S and cuts the centre.
 Training augmentation (``augment=True``) is a small random affine map (rotation ±``max_rotation`` degrees,
-scale ×[1 − s, 1 + s], translation ±``max_translate`` of the side) applied with the *same* sampling grid to the
-image (bilinear) and its mask (nearest), then brightness (±``max_brightness``) and contrast
+scale ×[1 − s, 1 + s], translation ±``max_translate`` of the side) applied with the *same* sampling grid to
+the image (bilinear) and its mask (nearest), then brightness (±``max_brightness``) and contrast
 (×[1 − c, 1 + c] about the image mean) on the image only. All random numbers come from the given
 ``torch.Generator``, so an augmentation is reproducible by seed.
 """
@@ -32,21 +32,23 @@ def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def resize_image(image: torch.Tensor, size: int, mode: str = "pad", is_mask: bool = False) -> torch.Tensor:
     """[1, 1, H, W] float32 → [1, 1, S, S]. ``mode`` ``pad`` (aspect kept, zero padding, centred) or ``crop``
-    (aspect kept, centre crop). Images: bilinear with antialiasing; masks: area-weighted then ≥ 0.5 → {0, 1}."""
+    (aspect kept, centre crop). Images: bilinear with antialiasing; masks: area-weighted, ≥ 0.5 → {0, 1}."""
     if mode not in ("pad", "crop"):
         raise ValueError(f"resize mode must be 'pad' or 'crop', got {mode!r}")
     height, width = image.shape[-2:]
-    scale = size / max(height, width) if mode == "pad" else size / min(height, width)
-    new_h = max(1, min(size, round(height * scale)) if mode == "pad" else max(size, round(height * scale)))
-    new_w = max(1, min(size, round(width * scale)) if mode == "pad" else max(size, round(width * scale)))
-    if (new_h, new_w) != (height, width):
-        if is_mask:
-            resized = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-            resized = (resized >= 0.5).to(torch.float32)
-        else:
-            resized = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    if mode == "pad":
+        scale = size / max(height, width)
+        new_h, new_w = min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale)))
     else:
-        resized = image
+        scale = size / min(height, width)
+        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    resized = image
+    if (new_h, new_w) != (height, width):
+        resized = F.interpolate(
+            image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
+        if is_mask:
+            resized = (resized >= 0.5).to(torch.float32)
     if mode == "pad":
         top, left = (size - new_h) // 2, (size - new_w) // 2
         return F.pad(resized, (left, size - new_w - left, top, size - new_h - top), value=0.0)
@@ -117,14 +119,18 @@ class Preprocess:
         pixels = resize_image(_as_tensor(image), self.size, self.resize)
         target = None
         if mask is not None:
-            target = resize_image(_as_tensor(torch.as_tensor(np.asarray(mask)).to(torch.float32)), self.size,
-                                  self.resize, is_mask=True)  # fmt: skip
+            binary = torch.as_tensor(np.asarray(mask)).to(torch.float32)
+            target = resize_image(_as_tensor(binary), self.size, self.resize, is_mask=True)
         if self.augment:
             generator = rng if rng is not None else self._generator
-            grid = random_affine_grid(self.size, generator, self.max_rotation, self.max_scale, self.max_translate)
+            grid = random_affine_grid(
+                self.size, generator, self.max_rotation, self.max_scale, self.max_translate
+            )
             pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             if target is not None:
-                target = F.grid_sample(target, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+                target = F.grid_sample(
+                    target, grid, mode="nearest", padding_mode="zeros", align_corners=False
+                )
             draws = torch.rand(2, generator=generator, dtype=torch.float64) * 2.0 - 1.0
             brightness = float(draws[0]) * self.max_brightness
             contrast = 1.0 + float(draws[1]) * self.max_contrast
@@ -146,7 +152,9 @@ def to_model_input(
     return tensor[None]
 
 
-def denormalize(tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def denormalize(
+    tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """Inverse of the normalization: [..., 3, S, S] → grayscale [..., S, S] in [0, 1] (channel mean)."""
     m = torch.tensor(list(mean), dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
     s = torch.tensor(list(std), dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)

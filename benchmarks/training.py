@@ -1,0 +1,122 @@
+"""Training throughput per architecture: stage 1 with cached features vs frozen-backbone epochs, and stage 2.
+
+For each architecture, the same phantom data and the same random backbone (a local weights file, so stage 0
+is skipped) are trained through ``evidrift.train.train_stage``:
+
+- stage 1 uncached: every epoch runs the frozen backbone forward on every train and val image;
+- stage 1 cached (``cache_features: true``): one backbone pass over train and val, then the head trains on
+  the pooled features; the time includes that feature pass;
+- stage 2: full fine-tuning (forward + backward through the backbone), one epoch.
+
+Augmentation is off so that both stage-1 variants see the same images. Printed: img/s (train images ×
+epochs / wall time of the stage) and the cached/uncached ratio over the stage-1 epochs (DESIGN § 8: ≥ 5×).
+
+    .venv/bin/python benchmarks/training.py [--epochs 10] [--n 100] [--archs densenet201 resnet50v2 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save_file
+
+import evidrift  # noqa: F401  (before timm)
+from evidrift import models
+from evidrift.artifacts import RunPaths, read_jsonl
+from evidrift.config import StudyConfig, parse_config
+from evidrift.train import train_stage
+
+SIZES = {"inceptionv3": 80}  # inception_v3 needs >= 75 px
+
+
+def study(root: Path, arch: str, weights: Path, n: int, epochs: int, cached: bool, size: int) -> StudyConfig:
+    return parse_config(
+        {
+            "data": {"phantom": {"n": n, "size": 64}, "split": {"val": 0.2, "test": 0.1}, "augment": False},
+            "models": [{"arch": arch, "image_size": size, "weights": str(weights)}],
+            "train": {
+                "stage1": {"epochs": epochs, "batch_size": 16, "cache_features": cached, "patience": None},
+                "stage2": {"epochs": 1, "batch_size": 16, "patience": None},
+            },
+            "output": {"dir": str(root / f"{arch}-{'cached' if cached else 'uncached'}")},
+        }
+    )
+
+
+def timed_stage(config: StudyConfig, stage: str) -> float:
+    paths = RunPaths.at(config.output.dir)
+    from evidrift.data.sources import prepare_data
+
+    prepare_data(config, paths)  # data preparation is not part of the measured time
+    started = time.perf_counter()
+    train_stage(config, paths, config.models[0], stage, progress=False)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archs", nargs="+", default=["densenet201", "resnet50v2", "inceptionv3"])
+    parser.add_argument("--epochs", type=int, default=10, help="stage-1 epochs (the config default is 10)")
+    parser.add_argument("--n", type=int, default=100, help="phantom images (70%% train, 20%% val)")
+    parser.add_argument("--size", type=int, default=64, help="input side in pixels (inception: 80)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    console = Console()
+    table = Table(
+        title=f"training throughput, CPU threads = {torch.get_num_threads()}, stage 1: {args.epochs} epochs"
+    )
+    for column in (
+        "arch",
+        "px",
+        "train imgs",
+        "s1 uncached img/s",
+        "s1 cached img/s",
+        "cached/uncached",
+        "s2 img/s",
+    ):
+        table.add_column(column, justify="left" if column == "arch" else "right")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for arch in args.archs:
+            size = max(args.size, SIZES.get(arch, 0))
+            torch.manual_seed(0)
+            weights = root / f"{arch}.safetensors"
+            save_file(
+                {k: v.contiguous() for k, v in models.build_model(arch, 2).state_dict().items()}, str(weights)
+            )
+            uncached = study(root, arch, weights, args.n, args.epochs, cached=False, size=size)
+            cached = study(root, arch, weights, args.n, args.epochs, cached=True, size=size)
+            seconds_uncached = timed_stage(uncached, "1")
+            seconds_cached = timed_stage(cached, "1")
+            timed_stage(cached, "2")
+            paths = RunPaths.at(cached.output.dir)
+            stage2 = [r for r in read_jsonl(paths.train_metrics(arch)) if r["stage"] == "2"]
+            from evidrift.data.sources import load_manifest
+
+            frame, _ = load_manifest(paths)
+            n_train = int((frame["split"] == "train").sum())
+            images = n_train * args.epochs
+            table.add_row(
+                arch, str(size), str(n_train),
+                f"{images / seconds_uncached:.0f}", f"{images / seconds_cached:.0f}",
+                f"{seconds_uncached / seconds_cached:.1f}x", f"{stage2[-1]['images_per_s']:.0f}",
+            )  # fmt: skip
+            console.print(
+                f"{arch}: stage 1 uncached {seconds_uncached:.1f} s, cached {seconds_cached:.1f} s "
+                f"(ratio {seconds_uncached / seconds_cached:.1f}x)",
+                highlight=False,
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,763 @@
+"""The self-contained HTML report of a run directory (DESIGN § 3): gather tables, draw figures, render.
+
+``build_report(run_dir)`` reads whatever the run holds — ``config.yaml``, ``data/manifest.parquet``,
+``eval/classification.csv``, ``drift.parquet``, ``summary.csv``, ``rankings.csv``, ``reversals.csv``,
+``localization_summary.csv``, the maps store — and writes ``report.html`` (figures embedded as base64 PNG) and
+``figures/*.png``. Sections whose inputs are missing say so instead of failing, so a partial run can be
+reported. The template is rendered by jinja2 with autoescape on: every user string (class names, ids, paths,
+architecture and method names, the config) is escaped; the only unescaped fragment is the probe section,
+which ``evidrift.report.probe_section`` builds with every value escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+
+from evidrift.artifacts import RunPaths, read_maps, safe_name, stored_methods, write_text_atomic
+from evidrift.cam.maps import upsample
+from evidrift.config import StudyConfig, dump_yaml, parse_config, study_hash
+from evidrift.metrics.common import AnalysisMaps
+from evidrift.report import figures as F
+
+TEMPLATES = Path(__file__).parent / "templates"
+DISPLAY_SIZE = 160
+#: Headline drift metrics (shown in the summary table and the distributions), in this order when present.
+KEY_METRICS = (
+    "topk_iou@0.2",
+    "dice@0.2",
+    "zone_agreement",
+    "spearman",
+    "ssim",
+    "centroid_shift",
+    "peak_shift",
+    "zone_tv",
+    "js",
+    "entropy_change",
+)
+#: The headline metrics split into the two drift tables: agreement (1 = identical) and change (0 = identical).
+AGREEMENT_METRICS = ("topk_iou@0.2", "dice@0.2", "zone_agreement", "pearson", "spearman", "cosine", "ssim")
+#: The metric that picks the overlay examples (typical = median, most drifted = lowest), first one present.
+SELECTION_METRICS = ("topk_iou@0.2", "topk_iou@0.1", "spearman", "pearson", "ssim")
+LOCALIZATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou@0.2", "pixel_auroc", "cnr")
+_LOW_NAMES = ("ci_low", "ci_lo", "lo", "low", "ci_lower")
+_HIGH_NAMES = ("ci_high", "ci_hi", "hi", "high", "ci_upper")
+
+
+# --- small value types for the template ---------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One table cell: ``text`` (escaped by the template) and an optional CSS class."""
+
+    text: str
+    cls: str = ""
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[Cell]]
+    caption: str = ""
+    numeric_from: int = 1
+
+
+@dataclass
+class FigureRef:
+    """A figure written to ``figures/{name}.png`` and embedded as base64."""
+
+    name: str
+    title: str
+    b64: str
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    nav: str = ""
+    intro: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[FigureRef] = field(default_factory=list)
+    groups: list[tuple[str, list[FigureRef]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: list[tuple[str, Table]] = field(default_factory=list)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return "n/a"
+    return f"{number:.{digits}f}"
+
+
+def _ci(mean: Any, low: Any, high: Any, digits: int = 3) -> str:
+    text = _fmt(mean, digits)
+    if text == "n/a":
+        return text
+    if _fmt(low) == "n/a" or _fmt(high) == "n/a":
+        return text
+    return f"{text} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def ci_columns(frame: pd.DataFrame) -> tuple[str, str]:
+    """Names of the lower/upper CI columns of a summary table (the stats module's spelling)."""
+    low = next((c for c in _LOW_NAMES if c in frame.columns), None)
+    high = next((c for c in _HIGH_NAMES if c in frame.columns), None)
+    if low is None or high is None:
+        raise ValueError(
+            f"summary table has no CI columns (looked for {_LOW_NAMES} / {_HIGH_NAMES}): "
+            f"{list(frame.columns)}"
+        )
+    return low, high
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _ordered(values: Sequence[Any], preferred: Sequence[str] | None = None) -> list[str]:
+    """Unique strings of ``values``, ``preferred``'s order first, then first-seen order."""
+    seen = list(dict.fromkeys(str(v) for v in values))
+    if not preferred:
+        return seen
+    first = [p for p in preferred if p in seen]
+    return first + [v for v in seen if v not in first]
+
+
+class _FigureWriter:
+    """Draws figures to ``figures/{name}.png`` and keeps the base64 for embedding."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, fig: Any, name: str, title: str, caption: str = "") -> FigureRef:
+        file_name = safe_name(name).replace("+", "p").replace("@", "at").replace("=", "-")
+        data = F.render_png(fig, self.folder / f"{file_name}.png")
+        return FigureRef(file_name, title, base64.b64encode(data).decode("ascii"), caption)
+
+
+# --- config -------------------------------------------------------------------------------------------------
+def load_run_config(paths: RunPaths) -> StudyConfig:
+    """The study config of ``run/config.yaml`` (its ``config_hash`` key dropped); defaults if absent."""
+    if not paths.config.is_file():
+        return StudyConfig()
+    raw = yaml.safe_load(paths.config.read_text(encoding="utf-8")) or {}
+    raw.pop("config_hash", None)
+    return parse_config(raw, str(paths.config))
+
+
+def environment() -> Environment:
+    """The jinja2 environment of the report: autoescape on for every template, undefined names are errors."""
+    return Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries the results depend on."""
+    import matplotlib
+    import scipy
+    import sklearn
+    import timm
+
+    import evidrift
+
+    return {
+        "evidrift": evidrift.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "pandas": pd.__version__,
+        "matplotlib": matplotlib.__version__,
+    }
+
+
+# --- sections -----------------------------------------------------------------------------------------------
+def dataset_section(paths: RunPaths) -> Section:
+    """Classes × splits counts (usable images), and the skipped files with their reasons."""
+    section = Section("data", "Dataset", "Data")
+    if not paths.manifest.is_file():
+        section.notes.append(f"No manifest at {paths.manifest}: the data step has not run.")
+        return section
+    manifest = pd.read_parquet(paths.manifest)
+    classes_file = paths.data_dir / "classes.json"
+    classes = json.loads(classes_file.read_text(encoding="utf-8")) if classes_file.is_file() else None
+    labels = _ordered(manifest["label"], classes)
+    ok = manifest[manifest["status"] == "ok"]
+    splits = [s for s in ("train", "val", "test") if s in set(ok["split"])] or sorted(set(ok["split"]))
+    rows = []
+    for label in labels:
+        part = ok[ok["label"] == label]
+        counts = [int((part["split"] == s).sum()) for s in splits]
+        rows.append([Cell(label), *[Cell(str(c)) for c in counts], Cell(str(sum(counts)))])
+    totals = [int((ok["split"] == s).sum()) for s in splits]
+    rows.append([Cell("all", "total"), *[Cell(str(c), "total") for c in totals], Cell(str(len(ok)), "total")])
+    section.tables.append(
+        Table(["class", *splits, "total"], rows, caption="usable images per class and split")
+    )
+    skipped = manifest[manifest["status"] != "ok"]
+    has_masks = "mask_path" in manifest.columns and manifest["mask_path"].notna().any()
+    section.intro = (
+        f"{len(manifest)} images listed, {len(ok)} usable, {len(skipped)} skipped; {len(labels)} classes"
+        + ("; lesion masks available." if has_masks else "; no lesion masks.")
+    )
+    if len(skipped):
+        shown = skipped.head(50)
+        rows = [
+            [Cell(str(r["id"])), Cell(str(r["status"]).removeprefix("skipped: "))]
+            for _, r in shown.iterrows()
+        ]
+        caption = "skipped files (on_bad_image: skip)" + (
+            f", first 50 of {len(skipped)}" if len(skipped) > 50 else ""
+        )
+        section.tables.append(Table(["image", "reason"], rows, caption=caption, numeric_from=99))
+    return section
+
+
+def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], draw: _FigureWriter) -> Section:
+    """Accuracy, macro-F1 and macro AUROC per arch × stage with bootstrap CIs (eval/classification.csv)."""
+    section = Section("classification", "Classification", "Accuracy")
+    table = _read_csv(paths.root / "eval" / "classification.csv")
+    if table is None or table.empty:
+        section.notes.append("No eval/classification.csv: the evaluate step has not run.")
+        return section
+    for m in ("accuracy", "macro_f1", "macro_auroc"):  # CI columns: m_lo/m_hi or m_ci_low/m_ci_high
+        table = table.rename(columns={f"{m}_ci_low": f"{m}_lo", f"{m}_ci_high": f"{m}_hi"})
+    rows = []
+    for _, r in table.iterrows():
+        rows.append(
+            [
+                Cell(str(r["arch"])),
+                Cell(stage_labels.get(int(r["stage"]), str(r["stage"])), "text"),
+                Cell(str(int(r["n"])) if "n" in r and _fmt(r["n"]) != "n/a" else ""),
+                *[
+                    Cell(_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]))
+                    for m in ("accuracy", "macro_f1", "macro_auroc")
+                ],
+            ]
+        )
+    section.intro = "Test split; mean [95% percentile-bootstrap CI over images]."
+    section.tables.append(
+        Table(["architecture", "stage", "n", "accuracy", "macro-F1", "macro AUROC"], rows, numeric_from=2)
+    )
+    section.figures.append(
+        draw(F.classification_figure(table, stage_labels), "classification", "Classification")
+    )
+    return section
+
+
+def drift_summary_section(
+    summary: pd.DataFrame | None,
+    drift: pd.DataFrame | None,
+    archs: list[str],
+    methods: list[str],
+    stage_labels: tuple[str, str],
+) -> Section:
+    """Mean [95% CI] of the headline metrics per arch × method, and every metric in a collapsed table."""
+    section = Section("drift", "Explanation drift", "Drift")
+    if summary is None or summary.empty:
+        section.notes.append("No summary.csv: the drift step has not run.")
+        return section
+    low, high = ci_columns(summary)
+    metrics = _ordered(summary["metric"])
+    key = [m for m in KEY_METRICS if m in metrics] or metrics[:8]
+    n_images = (
+        drift.groupby(["arch", "method"]).size().to_dict() if drift is not None and not drift.empty else {}
+    )
+    section.intro = (
+        f"Each row compares the maps of the same images under {stage_labels[0]} and {stage_labels[1]}; each "
+        "cell is the mean [95% percentile-bootstrap CI] over images. Overlap and correlation metrics are 1 "
+        "for identical maps; shifts (fraction of the image diagonal), zone_tv and js are 0."
+    )
+    indexed = summary.set_index(["arch", "method", "metric"])
+    agreement = [m for m in key if m in AGREEMENT_METRICS]
+    change = [m for m in key if m not in AGREEMENT_METRICS]
+    for columns, caption in (
+        (agreement, "agreement: 1 = identical maps (higher = more stable)"),
+        (change, "change: 0 = identical maps (lower = more stable)"),
+    ):
+        if not columns:
+            continue
+        rows = []
+        for arch in archs:
+            for method in methods:
+                cells = [Cell(arch), Cell(method, "text"), Cell(str(n_images.get((arch, method), "")))]
+                for metric in columns:
+                    if (arch, method, metric) in indexed.index:
+                        r = indexed.loc[(arch, method, metric)]
+                        r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+                        cells.append(Cell(_ci(r["mean"], r[low], r[high])))
+                    else:
+                        cells.append(Cell("—"))
+                rows.append(cells)
+        section.tables.append(
+            Table(["architecture", "method", "images", *columns], rows, caption, numeric_from=2)
+        )
+    full_rows = []
+    for _, r in summary.iterrows():
+        full_rows.append(
+            [
+                Cell(str(r["arch"])),
+                Cell(str(r["method"]), "text"),
+                Cell(str(r["metric"]), "text"),
+                Cell(str(int(r["n"])) if "n" in r and _fmt(r["n"]) != "n/a" else ""),
+                Cell(_fmt(r["mean"])),
+                Cell(f"[{_fmt(r[low])}, {_fmt(r[high])}]"),
+                Cell(_fmt(r["median"]) if "median" in r else ""),
+                Cell(_fmt(r["std"]) if "std" in r else ""),
+            ]
+        )
+    section.details.append(
+        (
+            "Every metric (summary.csv)",
+            Table(
+                ["architecture", "method", "metric", "n", "mean", "95% CI", "median", "std"],
+                full_rows,
+                numeric_from=3,
+            ),
+        )
+    )
+    return section
+
+
+def ranking_section(
+    rankings: pd.DataFrame | None,
+    reversals: pd.DataFrame | None,
+    archs: list[str],
+    methods: list[str],
+    draw: _FigureWriter,
+) -> Section:
+    """How the architectures order by stability under each method, per metric; rank reversals listed."""
+    section = Section("rankings", "Rankings and rank reversals", "Rankings")
+    if rankings is None or rankings.empty:
+        section.notes.append("No rankings.csv: the drift step has not run.")
+        return section
+    if len(archs) < 2:
+        section.notes.append("One architecture only: there is nothing to rank.")
+        return section
+    reversals = reversals if reversals is not None else pd.DataFrame()
+    metrics = _ordered(rankings["metric"], KEY_METRICS)
+    n_rev = len(reversals)
+    section.intro = (
+        "Rank 1 = the architecture whose explanations drift least under that method and metric "
+        "(direction-aware). "
+        "A rank reversal is a pair of methods under which two architectures swap order: the conclusion "
+        "'architecture X is more stable' then depends on the CAM method. Panels with reversals are tinted, "
+        "the "
+        f"swapped segments dashed red. {n_rev} reversal{'s' * (n_rev != 1)} found."
+    )
+    section.figures.append(
+        draw(
+            F.ranking_figure(rankings, reversals, metrics, methods, archs), "rankings", "Rankings per metric"
+        )
+    )
+    if n_rev:
+        cols = list(reversals.columns)
+        sig = [c for c in cols if c.startswith("significant")]
+        rows = []
+        ordered = (
+            reversals.sort_values([c for c in ("metric",) if c in cols]) if "metric" in cols else reversals
+        )
+        for _, r in ordered.head(200).iterrows():
+            flagged = any(bool(r[c]) for c in sig)
+            rows.append(
+                [
+                    Cell(_fmt(r[c]) if isinstance(r[c], float) else str(r[c]), "sig" if flagged else "")
+                    for c in cols
+                ]
+            )
+        caption = "rank reversals (reversals.csv); rows with a significant difference highlighted"
+        if n_rev > 200:
+            caption += f"; first 200 of {n_rev}"
+        section.details.append(
+            ("Rank reversals (reversals.csv)", Table(cols, rows, caption=caption, numeric_from=99))
+        )
+    return section
+
+
+def distribution_section(
+    drift: pd.DataFrame | None, archs: list[str], methods: list[str], draw: _FigureWriter
+) -> Section:
+    section = Section("distributions", "Metric distributions", "Distributions")
+    if drift is None or drift.empty:
+        section.notes.append("No drift.parquet: the drift step has not run.")
+        return section
+    numeric = [
+        c
+        for c in drift.columns
+        if c not in ("id", "arch", "method") and pd.api.types.is_float_dtype(drift[c])
+    ]
+    key = [m for m in KEY_METRICS if m in numeric] or numeric[:8]
+    section.intro = "Per-image values (boxes: quartiles, whiskers 1.5 IQR) of the headline metrics."
+    section.figures.append(
+        draw(F.distribution_figure(drift, key, methods, archs), "distributions", "Distributions")
+    )
+    return section
+
+
+def _display_image(path: str, mask_path: Any, resize: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image as the model saw it (same pad/crop geometry) at ``DISPLAY_SIZE``, and its mask (or None)."""
+    from evidrift.data.readers import read_image, read_mask
+    from evidrift.data.transforms import resize_image
+
+    image = torch.as_tensor(read_image(path))[None, None]
+    shown = resize_image(image, DISPLAY_SIZE, resize)[0, 0].numpy()
+    mask = None
+    if isinstance(mask_path, str) and mask_path and Path(mask_path).is_file():
+        raw = torch.as_tensor(np.asarray(read_mask(mask_path), dtype=np.float32))[None, None]
+        mask = resize_image(raw, DISPLAY_SIZE, resize, is_mask=True)[0, 0].numpy() > 0.5
+    return shown, mask
+
+
+def pick_examples(values: pd.Series, k: int, lowest_is_drift: bool = True) -> tuple[list[Any], list[Any]]:
+    """(typical, most drifted) index labels of ``values`` (NaN ignored): the ``k`` closest to the median and
+    the
+    ``k`` most drifted (lowest when ``lowest_is_drift``), the two lists disjoint when possible."""
+    finite = values[np.isfinite(values.to_numpy(dtype=float))]
+    if finite.empty or k <= 0:
+        return [], []
+    drifted = list((finite.sort_values(ascending=lowest_is_drift, kind="stable")).index[:k])
+    rest = finite.drop(index=drifted) if len(finite) > k else finite
+    median = float(finite.median())
+    typical = list((rest - median).abs().sort_values(kind="stable").index[:k])
+    return typical, drifted
+
+
+def overlay_section(
+    paths: RunPaths,
+    drift: pd.DataFrame | None,
+    archs: list[str],
+    methods: list[str],
+    k: int,
+    resize: str,
+    stage_labels: tuple[str, str],
+    draw: _FigureWriter,
+) -> Section:
+    """Overlays of typical and most-drifted images per arch × method (image, stage A, stage B, difference)."""
+    section = Section("overlays", "Examples: typical and most-drifted images", "Examples")
+    if drift is None or drift.empty or k == 0:
+        section.notes.append("No drift.parquet (or report.examples is 0): no examples to show.")
+        return section
+    metric = next((m for m in SELECTION_METRICS if m in drift.columns), None)
+    if metric is None:
+        section.notes.append(f"None of {SELECTION_METRICS} in drift.parquet: cannot pick examples.")
+        return section
+    manifest = pd.read_parquet(paths.manifest).set_index("id") if paths.manifest.is_file() else None
+    if manifest is None:
+        section.notes.append("No manifest: cannot show the images.")
+        return section
+    section.intro = (
+        f"Per architecture and method: the {k} images closest to the median {metric} (typical) and the {k} "
+        "with "
+        f"the lowest {metric} (most drifted). Rows: the image (lesion mask outlined when known), the map of "
+        f"{stage_labels[0]} and of {stage_labels[1]}, and the difference of the min-max normalized maps "
+        "(red: "
+        "more weight in the second, blue: less)."
+    )
+    cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for arch in archs:
+        refs = []
+        for method in methods:
+            part = drift[(drift["arch"] == arch) & (drift["method"] == method)].set_index("id")
+            typical, drifted = pick_examples(part[metric], k)
+            chosen = typical + drifted
+            if not chosen:
+                continue
+            try:
+                maps_a, ids_a, _ = read_maps(paths, arch, 1, method)
+                maps_b, ids_b, _ = read_maps(paths, arch, 2, method)
+            except FileNotFoundError as exc:
+                section.notes.append(str(exc))
+                continue
+            pos_a = {i: n for n, i in enumerate(ids_a)}
+            pos_b = {i: n for n, i in enumerate(ids_b)}
+            images, masks, ma, mb, titles = [], [], [], [], []
+            for n, image_id in enumerate(chosen):
+                if image_id not in pos_a or image_id not in pos_b or image_id not in manifest.index:
+                    continue
+                row = manifest.loc[image_id]
+                if image_id not in cache:
+                    cache[image_id] = _display_image(str(row["path"]), row.get("mask_path"), resize)
+                image, mask = cache[image_id]
+                images.append(image)
+                masks.append(mask)
+                ma.append(upsample(maps_a[pos_a[image_id]].float(), DISPLAY_SIZE).numpy())
+                mb.append(upsample(maps_b[pos_b[image_id]].float(), DISPLAY_SIZE).numpy())
+                kind = "typical" if n < len(typical) else "most drifted"
+                titles.append(
+                    f"{kind}\n{F.shorten(str(row['label']), 22)}\n"
+                    f"{metric} {_fmt(part.loc[image_id, metric], 2)}"
+                )
+            if images:
+                fig = F.overlay_figure(images, masks, ma, mb, titles, stage_labels, f"{arch} · {method}")
+                refs.append(draw(fig, f"overlay_{arch}_{method}", f"{arch} · {method}"))
+        if refs:
+            section.groups.append((arch, refs))
+    return section
+
+
+def zone_section(
+    paths: RunPaths,
+    drift: pd.DataFrame | None,
+    archs: list[str],
+    methods: list[str],
+    grid: tuple[int, int],
+    stage_labels: tuple[str, str],
+    draw: _FigureWriter,
+) -> Section:
+    """Mean zone masses before vs after, per arch (a panel per method), on the images of drift.parquet."""
+    section = Section("zones", "Where the evidence sits: zone masses", "Zones")
+    if drift is None or drift.empty:
+        section.notes.append("No drift.parquet: the drift step has not run.")
+        return section
+    labels = F.zone_labels(*grid)
+    section.intro = (
+        f"Mean share of each map's mass in a {grid[0]} × {grid[1]} grid over the image"
+        + (" (upper/middle/lower × patient's right (image left) / left)" if tuple(grid) == (3, 2) else "")
+        + f", {stage_labels[0]} vs {stage_labels[1]}, on the images of the drift table."
+    )
+    for arch in archs:
+        rows = []
+        for method in methods:
+            ids = set(drift.loc[(drift["arch"] == arch) & (drift["method"] == method), "id"].astype(str))
+            for side, stage in (("a", 1), ("b", 2)):
+                try:
+                    maps, map_ids, _ = read_maps(paths, arch, stage, method)
+                except FileNotFoundError:
+                    continue
+                keep = torch.tensor([i in ids for i in map_ids], dtype=torch.bool)
+                if not keep.any():
+                    continue
+                masses = AnalysisMaps(maps[keep], 64).zones(grid).mean(dim=0)
+                rows += [
+                    {"method": method, "side": side, "zone": z, "mass": float(v)}
+                    for z, v in enumerate(masses)
+                ]
+        if rows:
+            frame = pd.DataFrame(rows)
+            shown = [m for m in methods if m in set(frame["method"])]
+            fig = F.zone_figure(frame, shown, labels, stage_labels, arch)
+            section.figures.append(draw(fig, f"zones_{arch}", f"Zone masses, {arch}"))
+    return section
+
+
+def localization_section(
+    paths: RunPaths,
+    archs: list[str],
+    methods: list[str],
+    stage_labels: Mapping[int, str],
+    draw: _FigureWriter,
+) -> Section:
+    """Localization against the ground-truth masks (``localization_summary.csv``), when the data has masks."""
+    section = Section("localization", "Localization against the lesion masks", "Localization")
+    summary = _read_csv(paths.root / "localization_summary.csv")
+    if summary is None or summary.empty:
+        section.notes.append("The data has no lesion masks (or the localization step has not run).")
+        return section
+    low, high = ci_columns(summary)
+    summary = summary.rename(columns={low: "ci_low", high: "ci_high"})
+    metrics = _ordered(summary["metric"], LOCALIZATION_METRICS)
+    section.intro = (
+        "Maps of the explained test images with a non-empty lesion mask, at each stage: pointing game (the "
+        "peak "
+        "inside the lesion), energy pointing game (share of the map's mass inside), mask IoU of the top 20% "
+        "and pixel AUROC. Mean [95% CI]."
+    )
+    rows = []
+    for arch in archs:
+        for method in methods:
+            for stage, label in stage_labels.items():
+                part = summary[
+                    (summary["arch"] == arch) & (summary["method"] == method) & (summary["stage"] == stage)
+                ]
+                if part.empty:
+                    continue
+                by_metric = part.set_index("metric")
+                cells = [Cell(arch), Cell(method, "text"), Cell(label, "text")]
+                for metric in metrics:
+                    if metric in by_metric.index:
+                        r = by_metric.loc[metric]
+                        cells.append(Cell(_ci(r["mean"], r["ci_low"], r["ci_high"])))
+                    else:
+                        cells.append(Cell("—"))
+                rows.append(cells)
+    shown = [m for m in metrics if m in LOCALIZATION_METRICS[:3]] or metrics[:3]
+    section.figures.append(
+        draw(
+            F.localization_figure(summary, shown, methods, archs, stage_labels),
+            "localization",
+            "Localization",
+        )
+    )
+    section.details.append(
+        ("Localization table", Table(["architecture", "method", "stage", *metrics], rows, numeric_from=3))
+    )
+    return section
+
+
+def degenerate_section(
+    paths: RunPaths,
+    drift: pd.DataFrame | None,
+    archs: list[str],
+    methods: list[str],
+    stage_labels: tuple[str, str],
+) -> Section:
+    """Maps with no positive mass (all zero after ReLU) or non-finite values, per arch × method × stage, and
+    the drift rows flagged degenerate (their metrics are NaN, never silent numbers)."""
+    section = Section("degenerate", "Degenerate maps", "Degenerate maps")
+    section.intro = (
+        "A degenerate map (all zero, or non-finite) gives NaN for the metrics it breaks and a flag; it is "
+        "counted "
+        "here rather than silently averaged."
+    )
+    flag_cols = [c for c in (drift.columns if drift is not None else []) if c == "degenerate"]
+    rows = []
+    for arch in archs:
+        for method in methods:
+            counts = []
+            total = None
+            for stage in (1, 2):
+                try:
+                    maps, _, _ = read_maps(paths, arch, stage, method)
+                except FileNotFoundError:
+                    counts.append("—")
+                    continue
+                m = maps.float()
+                bad = (~torch.isfinite(m).flatten(1).all(1)) | ~(m.nan_to_num(0.0) > 0).flatten(1).any(1)
+                counts.append(str(int(bad.sum())))
+                total = len(m)
+            flagged = ""
+            if drift is not None and flag_cols:
+                part = drift[(drift["arch"] == arch) & (drift["method"] == method)]
+                flagged = str(int(part[flag_cols].any(axis=1).sum()))
+            rows.append(
+                [
+                    Cell(arch),
+                    Cell(method, "text"),
+                    Cell(str(total) if total is not None else "—"),
+                    *[Cell(c) for c in counts],
+                    Cell(flagged),
+                ]
+            )
+    header = [
+        "architecture",
+        "method",
+        "maps",
+        f"degenerate, {stage_labels[0]}",
+        f"degenerate, {stage_labels[1]}",
+        "drift rows flagged",
+    ]
+    section.tables.append(Table(header, rows, numeric_from=2))
+    return section
+
+
+def _archs_methods(
+    config: StudyConfig, paths: RunPaths, drift: pd.DataFrame | None
+) -> tuple[list[str], list[str]]:
+    archs = [m.key for m in config.models]
+    methods = list(config.explain.methods)
+    if drift is not None and not drift.empty:
+        archs = _ordered(drift["arch"], archs)
+        archs = [a for a in archs if a in set(drift["arch"].astype(str))]
+        methods = _ordered(drift["method"], methods)
+        methods = [m for m in methods if m in set(drift["method"].astype(str))]
+    else:
+        present = [a for a in archs if stored_methods(paths, a, 1)]
+        archs = present or archs
+    return archs, methods
+
+
+def build_report(
+    run_dir: str | os.PathLike[str],
+    config: StudyConfig | None = None,
+    stage_labels: tuple[str, str] = ("stage 1 (transfer)", "stage 2 (fine-tuned)"),
+    title: str | None = None,
+    subtitle: str = "",
+) -> Path:
+    """Write ``run_dir/report.html`` (self-contained) and ``run_dir/figures/*.png``; returns the HTML path.
+
+    ``config``: the study (read from ``run/config.yaml`` when None). ``stage_labels``: names of the two
+    checkpoints compared (stage 1 / stage 2, or A / B for ``evidrift compare``).
+    """
+    paths = RunPaths.at(run_dir)
+    config = config or load_run_config(paths)
+    draw = _FigureWriter(paths.figures_dir)
+    drift = pd.read_parquet(paths.drift) if paths.drift.is_file() else None
+    if drift is not None:
+        drift = drift.assign(
+            arch=drift["arch"].astype(str), method=drift["method"].astype(str), id=drift["id"].astype(str)
+        )
+    summary = _read_csv(paths.summary)
+    archs, methods = _archs_methods(config, paths, drift)
+    stage_map = {1: stage_labels[0], 2: stage_labels[1]}
+    sections = [
+        dataset_section(paths),
+        classification_section(paths, stage_map, draw),
+        drift_summary_section(summary, drift, archs, methods, stage_labels),
+        ranking_section(_read_csv(paths.rankings), _read_csv(paths.reversals), archs, methods, draw),
+        distribution_section(drift, archs, methods, draw),
+        overlay_section(
+            paths, drift, archs, methods, config.report.examples, config.data.resize, stage_labels, draw
+        ),
+        zone_section(paths, drift, archs, methods, tuple(config.drift.zone_grid), stage_labels, draw),
+        localization_section(paths, archs, methods, stage_map, draw),
+        degenerate_section(paths, drift, archs, methods, stage_labels),
+    ]
+    extra = ""
+    if any(paths.root.glob("probe*")) or any(paths.root.glob("sanity*")):  # issue 7's studies have run here
+        from evidrift.report.probe_section import probe_report_section
+
+        extra = probe_report_section(paths.root)
+    config_text = paths.config.read_text(encoding="utf-8") if paths.config.is_file() else dump_yaml(config)
+    context = {
+        "title": title or config.report.title,
+        "subtitle": subtitle,
+        "archs": archs,
+        "methods": methods,
+        "n_images": int(drift["id"].nunique()) if drift is not None and not drift.empty else 0,
+        "sections": sections,
+        # The probe/sanity fragment is built by evidrift.report.probe_section with every value escaped.
+        "extra_html": Markup(extra),
+        "config_text": config_text,
+        "footer": {
+            "versions": versions(),
+            "seed": config.seed,
+            "config_hash": study_hash(config),
+            "generated": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "run_dir": str(paths.root.resolve()),
+        },
+    }
+    html = environment().get_template("report.html").render(**context)
+    return write_text_atomic(paths.report, html)

@@ -1,0 +1,159 @@
+"""The phantom chest X-ray set and the stage-0 source set (DESIGN § 9)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evidrift.data.phantom import (
+    CLASSES,
+    SOURCE_CLASSES,
+    generate_phantom_set,
+    generate_source_set,
+    mask_bbox,
+    render_phantom,
+    render_source,
+    write_preview,
+)
+from evidrift.data.readers import read_image, read_mask
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "preview.png"
+    }
+
+
+@pytest.mark.parametrize("label", CLASSES)
+def test_render_phantom_shapes_ranges_and_mask_exactness(label: str) -> None:
+    image, mask = render_phantom(label, np.random.default_rng(7), 96)
+    twin, twin_mask = render_phantom(label, np.random.default_rng(7), 96, with_lesion=False)
+    assert image.shape == (96, 96) and image.dtype == np.float32
+    assert mask.shape == (96, 96) and mask.dtype == bool
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    np.testing.assert_array_equal(mask, twin_mask)
+    # the lesion is exactly where the mask says: nonzero difference on the mask, zero elsewhere
+    np.testing.assert_array_equal(image != twin, mask)
+    assert (image[mask] > twin[mask]).all()
+    if label == "normal":
+        assert not mask.any()
+    else:
+        assert 0.003 < mask.mean() < 0.35
+
+
+def test_render_phantom_is_deterministic_and_seed_dependent() -> None:
+    a, _ = render_phantom("covid19", np.random.default_rng(1), 64)
+    b, _ = render_phantom("covid19", np.random.default_rng(1), 64)
+    c, _ = render_phantom("covid19", np.random.default_rng(2), 64)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).mean() > 0.005
+
+
+def test_render_phantom_rejects_unknown_label() -> None:
+    with pytest.raises(ValueError, match="unknown phantom label 'flu'"):
+        render_phantom("flu", np.random.default_rng(0), 64)
+
+
+def test_generate_phantom_set_writes_balanced_manifest(tiny_phantom_set: Path) -> None:
+    frame = pd.read_csv(tiny_phantom_set)
+    assert list(frame.columns[:8]) == ["path", "label", "patient_id", "mask", "x0", "y0", "x1", "y1"]
+    assert frame["label"].value_counts().to_dict() == dict.fromkeys(CLASSES, 4)
+    root = tiny_phantom_set.parent
+    for record in frame.itertuples():
+        image = read_image(root / record.path)
+        mask = read_mask(root / record.mask)
+        assert image.shape == mask.shape == (64, 64)
+        box = mask_bbox(mask)
+        if record.label == "normal":
+            assert box is None and pd.isna(record.x0)
+        else:
+            assert box == (record.x0, record.y0, record.x1, record.y1)
+
+
+def test_generate_phantom_set_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
+    generate_phantom_set(
+        tmp_path / "a", n=10, size=48, seed=5, shortcut_marker=0.5, progress=False, workers=1
+    )
+    generate_phantom_set(
+        tmp_path / "b", n=10, size=48, seed=5, shortcut_marker=0.5, progress=False, workers=2
+    )
+    generate_phantom_set(
+        tmp_path / "c", n=10, size=48, seed=6, shortcut_marker=0.5, progress=False, workers=1
+    )
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_shortcut_marker_changes_only_the_marker_box() -> None:
+    plain, _ = render_phantom("tuberculosis", np.random.default_rng(3), 128)
+    marked, _ = render_phantom("tuberculosis", np.random.default_rng(3), 128, shortcut=True)
+    changed = np.argwhere(plain != marked)
+    assert len(changed) > 20
+    rows, cols = changed[:, 0], changed[:, 1]
+    assert rows.max() - rows.min() < 24 and cols.max() - cols.min() < 24
+    # tuberculosis's marker sits at the top centre
+    assert rows.max() < 32 and 40 < cols.mean() < 90
+
+
+def test_marker_positions_differ_by_class() -> None:
+    centres = set()
+    for label in CLASSES:
+        plain, _ = render_phantom(label, np.random.default_rng(0), 96)
+        marked, _ = render_phantom(label, np.random.default_rng(0), 96, shortcut=True)
+        rows, cols = np.nonzero(plain != marked)
+        centres.add((int(rows.mean()) // 16, int(cols.mean()) // 16))
+    assert len(centres) == len(CLASSES)
+
+
+def test_source_set_has_all_classes_and_is_deterministic(tmp_path: Path) -> None:
+    assert len(SOURCE_CLASSES) >= 8
+    manifest = generate_source_set(tmp_path / "s1", n=20, size=40, seed=1, progress=False, workers=1)
+    generate_source_set(tmp_path / "s2", n=20, size=40, seed=1, progress=False, workers=1)
+    frame = pd.read_csv(manifest)
+    assert sorted(frame["label"].unique()) == sorted(SOURCE_CLASSES)
+    assert _digest(tmp_path / "s1") == _digest(tmp_path / "s2")
+    image = render_source("ring", np.random.default_rng(0), 40)
+    assert image.shape == (40, 40) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
+
+
+def test_write_preview_writes_a_png(tiny_phantom_set: Path, tmp_path: Path) -> None:
+    out = write_preview(tiny_phantom_set, tmp_path / "preview.png", per_class=2)
+    sheet = read_image(out)
+    assert sheet.shape[0] > 200 and sheet.shape[1] > 100
+
+
+def _mask_stats(label: str, seeds: range, size: int = 96) -> list[tuple[float, float, bool, bool]]:
+    """Per image: (mask centroid row / S, mean |column − centre| / S, lesion left of centre, right of it)."""
+    stats = []
+    for seed in seeds:
+        _, mask = render_phantom(label, np.random.default_rng(seed), size)
+        rows, cols = np.nonzero(mask)
+        stats.append(
+            (
+                rows.mean() / size,
+                np.abs(cols + 0.5 - size / 2).mean() / size,
+                bool((cols < size / 2).any()),
+                bool((cols >= size / 2).any()),
+            )
+        )
+    return stats
+
+
+def test_lesions_sit_where_the_classes_say() -> None:
+    seeds = range(8)
+    bacterial = _mask_stats("bacterial_pneumonia", seeds)
+    assert all(left != right for _, _, left, right in bacterial)  # one lung
+    assert all(row > 0.5 for row, *_ in bacterial)  # middle/lower zone
+    tuberculosis = _mask_stats("tuberculosis", seeds)
+    assert all(row < 0.42 for row, *_ in tuberculosis)  # upper zone
+    viral = _mask_stats("viral_pneumonia", seeds)
+    covid = _mask_stats("covid19", seeds)
+    assert all(left and right for _, _, left, right in viral + covid)  # bilateral
+    assert np.mean([row for row, *_ in covid]) > np.mean([row for row, *_ in viral])  # covid: lower zones
+    assert np.mean([spread for _, spread, *_ in covid]) > np.mean([spread for _, spread, *_ in viral]) + 0.05
