@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import tracemalloc
 
 import evidrift  # noqa: F401  (before timm)
 import psutil
@@ -14,6 +13,17 @@ from torch import nn
 
 from evidrift.cam import CAMEngine, fuse, resolve_method
 from evidrift.cam.engine import channels_first, token_grid
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster (and immune to a loaded CI machine); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Hand-built net: conv 1×1 (1 → 2 channels, weights +1 / −1) → ReLU ("act", the target) → flatten → linear.
 X = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]]]])  # [1, 1, 2, 2]
@@ -84,7 +94,7 @@ def test_side_effects_grad_flags_hooks_and_no_grad_caller():
         out = engine(X, 0, methods=["gradcam", "gradient"])
         assert not torch.is_grad_enabled()
     with torch.inference_mode(), CAMEngine(net, ["act"]) as engine:
-        out_inf = engine(X.clone(), 0, methods=["gradcam", "gradient"])
+        out_inf = engine(X.clone(), torch.tensor([0]), methods=["gradcam", "gradient"])
     torch.testing.assert_close(out.maps["gradcam"], torch.tensor([EXPECTED["gradcam"]]))
     torch.testing.assert_close(out_inf.maps["gradcam"], out.maps["gradcam"])
     assert torch.equal(net.fc.weight.grad, torch.full_like(net.fc.weight, 7.0))
@@ -276,17 +286,14 @@ def test_memory_flat_over_1000_calls():
     methods = ["gradcam", "gradcam++", "layercam", "eigengradcam", "gradient"]
     process = psutil.Process()
     with CAMEngine(net, ["1", "3"]) as engine:
-        for _ in range(100):
+        for _ in range(50):
             engine(x, "prediction", methods=methods)
         gc.collect()
-        rss = process.memory_info().rss
-        tracemalloc.start()
-        snapshot = tracemalloc.take_snapshot()
+        rss, objects = process.memory_info().rss, len(gc.get_objects())
         for _ in range(1000):
             engine(x, "prediction", methods=methods)
         gc.collect()
-        growth = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(snapshot, "filename"))
-        tracemalloc.stop()
+        object_growth = len(gc.get_objects()) - objects
         rss_growth = process.memory_info().rss - rss
-    assert growth < 64 * 1024, f"Python heap grew by {growth} bytes over 1,000 calls"
+    assert object_growth < 50, f"{object_growth} more live Python objects after 1,000 calls"
     assert rss_growth < 32 * 1024 * 1024, f"RSS grew by {rss_growth / 2**20:.1f} MiB over 1,000 calls"

@@ -17,6 +17,7 @@ from evidrift.data.phantom import (
     mask_bbox,
     render_phantom,
     render_source,
+    to_png_bytes,
     write_preview,
 )
 from evidrift.data.readers import read_image, read_mask
@@ -45,6 +46,16 @@ def test_render_phantom_shapes_ranges_and_mask_exactness(label: str) -> None:
         assert not mask.any()
     else:
         assert 0.003 < mask.mean() < 0.35
+
+
+@pytest.mark.parametrize("label", CLASSES[1:])
+def test_mask_is_exact_in_the_8bit_png_too(label: str) -> None:
+    for seed in range(3):
+        image, mask = render_phantom(label, np.random.default_rng(seed), 128)
+        twin, _ = render_phantom(label, np.random.default_rng(seed), 128, with_lesion=False)
+        a, b = np.rint(image * 255).astype(np.uint8), np.rint(twin * 255).astype(np.uint8)
+        np.testing.assert_array_equal(a != b, mask)
+        assert (to_png_bytes(image) != to_png_bytes(twin)) and mask.any()
 
 
 def test_render_phantom_is_deterministic_and_seed_dependent() -> None:

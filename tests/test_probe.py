@@ -44,7 +44,9 @@ def test_variants_cover_losses_times_heads_and_map_to_head_configs() -> None:
     assert [v.name for v in variants] == [
         "ce-linear", "ce-linear_nobias", "ce-mlp2", "ce-mlp3", "bce-linear", "bce-linear_nobias", "bce-mlp2", "bce-mlp3",
     ]  # fmt: skip
-    assert ProbeVariant("ce", "linear_nobias").head_config(8) == HeadConfig(type="linear", bias=False, hidden=8)
+    assert ProbeVariant("ce", "linear_nobias").head_config(8) == HeadConfig(
+        type="linear", bias=False, hidden=8
+    )
     assert ProbeVariant("bce", "mlp3").head_config(8) == HeadConfig(type="mlp3", bias=True, hidden=8)
     with pytest.raises(ValueError, match="probe head 'mlp4'"):
         ProbeVariant("ce", "mlp4")
@@ -68,17 +70,17 @@ def test_confident_correct_needs_every_variant() -> None:
 
 
 # --- grids ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("size", "n"), [(64, 2), (64, 3), (100, 3), (128, 3), (299, 4)])
+@pytest.mark.parametrize(("size", "n"), [(64, 2), (64, 3), (100, 3), (150, 4)])
 def test_cells_match_gridpg_cells(size: int, n: int) -> None:
     edges = cell_edges(size, n)
     assert edges[0] == 0 and edges[-1] == size
     masks = cell_masks(size, size, n)
     assert masks.sum(0).eq(1).all()  # a partition
-    for cell in range(n * n):  # all mass in a cell → GridPG of that cell is 1, of the others 0
-        maps = masks[cell][None].float()
-        assert gridpg(maps, torch.tensor([cell]), n).item() == pytest.approx(1.0, abs=1e-6)
-        other = (cell + 1) % (n * n)
-        assert gridpg(maps, torch.tensor([other]), n).item() == pytest.approx(0.0, abs=1e-6)
+    cells = torch.arange(n * n)
+    maps = masks.float()  # map k: all its mass in cell k
+    ones = torch.ones(n * n, dtype=torch.float64)
+    assert torch.allclose(gridpg(maps, cells, n), ones, atol=1e-6)  # GridPG 1 in its own cell
+    assert torch.allclose(gridpg(maps, (cells + 1) % (n * n), n), 0 * ones, atol=1e-6)  # 0 in any other
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -106,7 +108,7 @@ def test_tile_grid_places_each_image_in_its_cell() -> None:
     grid = tile_grid(images, [3, 0, 4], n=3, fill=-1.0)
     masks = cell_masks(30, 30, 3)
     for value, cell in zip((1, 2, 3), (3, 0, 4), strict=True):
-        assert grid[:, masks[cell]].eq(value).all()
+        assert torch.allclose(grid[:, masks[cell]], torch.tensor(float(value)), atol=1e-5)
     blank = masks[[1, 2, 5, 6, 7, 8]].any(0)
     assert grid[:, blank].eq(-1.0).all()
     with pytest.raises(ValueError, match="distinct"):
@@ -120,7 +122,9 @@ def test_sample_grids_one_image_per_class_from_eligible_images() -> None:
     assert len(grids) == 10
     for spec in grids:
         assert len(spec.images) == 4 and len(set(spec.classes)) == 4 and len(set(spec.cells)) == 4
-        assert all(eligible[i] and int(labels[i]) == c for i, c in zip(spec.images, spec.classes, strict=True))
+        assert all(
+            eligible[i] and int(labels[i]) == c for i, c in zip(spec.images, spec.classes, strict=True)
+        )
     grids3 = sample_grids(labels, eligible, n=3, n_grids=3, seed=1)
     assert all(len(g.images) == 4 and max(g.cells) < 9 for g in grids3)  # 4 eligible classes < 9 cells
     assert sample_grids(labels, eligible, n=2, n_grids=10, seed=1) == grids  # seeded
@@ -153,13 +157,15 @@ def test_maps_from_cached_activations_equal_the_full_models() -> None:
 def test_every_head_variant_trains_on_cached_features(tmp_path: Path) -> None:
     torch.manual_seed(0)
     features = torch.randn(48, 12)
-    labels = (features[:, 0] > 0).long() + (features[:, 1] > 0).long()  # 3 classes, learnable
+    labels = features[:, :3].argmax(1)  # 3 classes, linearly separable through the origin
     train = CachedSplit(features[:36], labels[:36])
     val = CachedSplit(features[36:], labels[36:])
     config = parse_config({"probe": {"epochs": 8, "lr": 0.05, "batch_size": 12, "hidden": 8}})
     for variant in probe_variants(config.probe.losses, config.probe.heads):
         work = tmp_path / variant.name
-        head = train_probe_head(variant, train, val, 3, config.probe, work, "tag", Context(), variant.name, False)
+        head = train_probe_head(
+            variant, train, val, 3, config.probe, work, "tag", Context(), variant.name, False
+        )
         assert not head.training
         has_bias = head[-1].bias is not None
         assert has_bias == (variant.head != "linear_nobias")
@@ -167,7 +173,9 @@ def test_every_head_variant_trains_on_cached_features(tmp_path: Path) -> None:
             accuracy = (head(features).argmax(1) == labels).float().mean().item()
         assert accuracy > 0.6, variant.name
         assert (work / "head.safetensors").is_file() and not (work / "head.last.pt").exists()
-        again = train_probe_head(variant, train, val, 3, config.probe, work, "tag", Context(), variant.name, False)
+        again = train_probe_head(
+            variant, train, val, 3, config.probe, work, "tag", Context(), variant.name, False
+        )
         for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True):
             assert torch.equal(a, b)  # reused, not retrained
 
@@ -230,7 +238,9 @@ def test_run_probe_end_to_end_on_tiny_phantoms(tmp_path: Path) -> None:
     for variant in variants:  # every variant is explained with every method and scored on every metric
         part = explained[explained["variant"] == variant]
         assert set(part["method"]) == {"gradcam", "layercam"}
-        assert {"gridpg@2", "gridpg@3", "entropy", "gini", "pointing_game", "energy_pointing_game"} <= set(part["metric"])
+        assert {"gridpg@2", "gridpg@3", "entropy", "gini", "pointing_game", "energy_pointing_game"} <= set(
+            part["metric"]
+        )
     grid = table[table["metric"].str.startswith("gridpg")]["value"].dropna()
     assert grid.between(0, 1).all()
     assert (tmp_path / PROBE_FILES["summary"]).is_file() and (tmp_path / PROBE_FILES["pairs"]).is_file()

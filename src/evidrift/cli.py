@@ -158,6 +158,51 @@ def evaluate(
 
 
 # --- explain (cam) -------------------------------------------------------------------------------------------
+@app.command()
+def explain(
+    study: Annotated[Path, typer.Argument(help="study.yaml")],
+    arch: Annotated[str | None, typer.Option("--arch", help="only this model (its name or arch key)")] = None,
+    stage: Annotated[str, typer.Option("--stage", help="1, 2 or all")] = "all",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+) -> None:
+    """Compute the CAM maps of the selected test images (explain.samples) for each model and stage and write
+    the maps store (maps/{arch}/stage{s}/{method}.part*.safetensors).
+
+    Resumable: finished shards are skipped. Multi-GPU: `torchrun --nproc-per-node N -m evidrift explain
+    study.yaml` (each rank explains its share of the shards)."""
+    from evidrift import distributed
+    from evidrift.artifacts import RunPaths
+    from evidrift.config import ConfigError, load_config
+    from evidrift.explain import explain_run
+
+    if stage not in ("1", "2", "all"):
+        raise fail(f"--stage must be 1, 2 or all, got {stage!r}")
+    stages = (1, 2) if stage == "all" else (int(stage),)
+    try:
+        config = load_config(study)
+        keys = [m.key for m in config.models]
+        if arch is not None and arch not in keys:
+            raise fail(f"--arch {arch!r} is not a model of {study}; the models are {keys}")
+        ctx = distributed.setup(config.train.device)
+        try:
+            paths = RunPaths.at(config.output.dir)
+            summaries = [
+                explain_run(config, paths, key, s, ctx=ctx, progress=progress)
+                for key in ([arch] if arch else keys)
+                for s in stages
+            ]
+            distributed.barrier(ctx)
+        finally:
+            distributed.cleanup(ctx)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    for s in summaries:
+        console.print(
+            f"{s.arch} stage {s.stage}: {s.n_images} images, {s.n_shards} shards "
+            f"({s.written} written, {s.skipped} already done on this process)",
+            highlight=False,
+        )
+
 
 
 # --- drift (metrics, stats) ----------------------------------------------------------------------------------

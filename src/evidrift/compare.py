@@ -226,7 +226,7 @@ def compare_checkpoints(
     ctx = distributed.setup(config.train.device)
     evaluate_study(config, paths, ctx=ctx)
     for stage in (1, 2):
-        explain_run(config, paths, key, stage)
+        explain_run(config, paths, key, stage, ctx=ctx, progress=False)
     settings = drift_settings(config)
     run_drift(paths.root, settings, progress=False)
     write_localization(config, paths, settings)

@@ -37,10 +37,10 @@ class Feed(Protocol):
 class TensorFeed:
     """Pre-computed inputs ``x`` [N, ...] (e.g. cached pooled features [N, F] float32), labels ``y`` [N]."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, seconds: float = 0.0) -> None:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs for {len(y)} labels")
-        self.x, self.y = x, y.long()
+        self.x, self.y, self.seconds = x, y.long(), seconds
 
     def __len__(self) -> int:
         return len(self.x)

@@ -44,12 +44,18 @@ logger = logging.getLogger("evidrift.sanity")
 SPLIT_CONTAINERS: tuple[str, ...] = ("features", "stages", "blocks", "layers")
 #: Name of the pseudo-block holding parameters registered directly on the root module (ViT pos_embed...).
 ROOT_BLOCK = "<root>"
-SIMILARITY_METRICS: tuple[str, ...] = ("spearman_abs", "spearman_signed", "ssim", "topk_iou@0.2", "hog_spearman")
+SIMILARITY_METRICS: tuple[str, ...] = (
+    "spearman_abs",
+    "spearman_signed",
+    "ssim",
+    "topk_iou@0.2",
+    "hog_spearman",
+)
 
 Mode = Literal["cascading", "independent"]
 
 
-# --- blocks and re-initialization ----------------------------------------------------------------------------
+# --- blocks and re-initialization
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -109,7 +115,7 @@ def randomize_blocks_(model: nn.Module, blocks: Sequence[str], seed: int) -> nn.
     return model
 
 
-# --- similarity of maps --------------------------------------------------------------------------------------
+# --- similarity of maps
 def hog_features(maps: torch.Tensor, cell: int = 16) -> torch.Tensor:
     """HOG descriptors of min-max-normalized maps: [N, H, W] → [N, L] float32.
 
@@ -122,7 +128,9 @@ def hog_features(maps: torch.Tensor, cell: int = 16) -> torch.Tensor:
         raise ValueError(f"maps must be [N, H, W], got shape {tuple(maps.shape)}")
     n_cells = min(maps.shape[-2], maps.shape[-1]) // cell
     if n_cells < 1:
-        raise ValueError(f"maps of {tuple(maps.shape[-2:])} pixels hold no {cell}x{cell} HOG cell; lower hog_cell")
+        raise ValueError(
+            f"maps of {tuple(maps.shape[-2:])} pixels hold no {cell}x{cell} HOG cell; lower hog_cell"
+        )
     per_block = min(3, n_cells)
     flat = maps.detach().double().flatten(1)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
@@ -167,7 +175,7 @@ def map_similarity(
     }
 
 
-# --- maps of a model -----------------------------------------------------------------------------------------
+# --- maps of a model
 class NegatedScore(nn.Module):
     """``model`` with its logits negated: explaining it gives each method's map of the evidence *against*
     the target class (the gradient is −G). Its layers are ``model.<name>``."""
@@ -224,7 +232,7 @@ def explain_model(
     return ModelMaps(positive, {m: positive[m] - negative[m] for m in methods})
 
 
-# --- randomization curves ------------------------------------------------------------------------------------
+# --- randomization curves
 def randomization_curves(
     model: nn.Module,
     layer: str,
@@ -237,12 +245,14 @@ def randomization_curves(
     batch_size: int = 16,
     ids: Sequence[str] | None = None,
     progress: bool = True,
+    blocks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Similarity of the maps to the original model's maps at every randomization step.
 
     Step 0 is an unmodified copy of the model (so every curve starts at similarity 1); step k re-initializes
-    ``randomization_blocks(model)[k - 1]`` (seed ``seed + k``, the same draw in both modes) on top of the
-    earlier steps (``cascading``) or alone (``independent``). ``model`` itself is never modified.
+    ``blocks[k - 1]`` (default ``randomization_blocks(model)``, head first; seed ``seed + k``, the same draw
+    in both modes) on top of the earlier steps (``cascading``) or alone (``independent``). ``model`` itself
+    is never modified. A degenerate map (all zero) gives NaN similarities, also at step 0.
 
     Returns one row per (mode, step, method, image): mode, step, block, method, image, and one column per
     ``SIMILARITY_METRICS``.
@@ -251,7 +261,7 @@ def randomization_curves(
         if mode not in ("cascading", "independent"):
             raise ValueError(f"sanity mode must be 'cascading' or 'independent', got {mode!r}")
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
-    blocks = randomization_blocks(model)
+    blocks = list(blocks) if blocks is not None else randomization_blocks(model)
     reference = explain_model(model, layer, images, targets, methods, batch_size)
     frames: list[pd.DataFrame] = []
 
@@ -283,7 +293,7 @@ def randomization_curves(
     return pd.concat(frames, ignore_index=True)
 
 
-# --- self-test of the drift metrics --------------------------------------------------------------------------
+# --- self-test of the drift metrics
 #: (check, metric, expectation, predicate on the mean) of the self-test.
 SELF_TEST_CHECKS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
     ("identical checkpoints", "topk_iou@0.2", "= 1", lambda v: abs(v - 1.0) <= 1e-6),
@@ -332,15 +342,21 @@ def self_test(
         leftover.unlink(missing_ok=True)
     records: list[dict[str, object]] = []
     for method in methods:
-        tables = {c: drift.compare(maps["a"][method], maps[c][method], metrics=names) for c in maps if c != "a"}
+        tables = {
+            c: drift.compare(maps["a"][method], maps[c][method], metrics=names) for c in maps if c != "a"
+        }
         for check, metric, expected, predicate in SELF_TEST_CHECKS:
-            value = float(np.nanmean(tables[check][metric].to_numpy())) if tables[check][metric].notna().any() else math.nan
+            value = (
+                float(np.nanmean(tables[check][metric].to_numpy()))
+                if tables[check][metric].notna().any()
+                else math.nan
+            )
             records.append(dict(check=check, method=method, metric=metric, value=value, expected=expected,
                                 passed=bool(math.isfinite(value) and predicate(value))))  # fmt: skip
     return records
 
 
-# --- the study -----------------------------------------------------------------------------------------------
+# --- the study
 #: Files of the sanity checks in the run directory.
 SANITY_FILES: dict[str, str] = {
     "table": "sanity.parquet",
@@ -355,7 +371,9 @@ def sanity_modes(mode: str) -> list[Mode]:
     return ["cascading", "independent"] if mode == "both" else [mode]  # type: ignore[list-item]
 
 
-def sanity_checkpoint(config: StudyConfig, paths: RunPaths, model_cfg: ModelConfig, progress: bool = True) -> Path:
+def sanity_checkpoint(
+    config: StudyConfig, paths: RunPaths, model_cfg: ModelConfig, progress: bool = True
+) -> Path:
     """The checkpoint the sanity checks explain: the run's stage 2 when trained, else stage 1; when neither
     exists, stages 0 (if needed) and 1 are trained first (``train.train_study``; resumable)."""
     from evidrift.train import train_study
@@ -390,7 +408,9 @@ def sample_test_images(
     return images, labels, [str(it["id"]) for it in items]
 
 
-def summarize_curves(curves: pd.DataFrame, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def summarize_curves(
+    curves: pd.DataFrame, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
     """Mean similarity and its percentile-bootstrap CI per (arch, mode, step, block, method, metric)."""
     from evidrift.probe import summarize_values
 
@@ -399,7 +419,9 @@ def summarize_curves(curves: pd.DataFrame, n_boot: int = 2000, ci: float = 0.95,
     return summarize_values(long, [*keys, "metric"], n_boot=n_boot, ci=ci, seed=seed)
 
 
-def run_sanity(config: StudyConfig, paths: RunPaths, progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, object]]]:
+def run_sanity(
+    config: StudyConfig, paths: RunPaths, progress: bool = True
+) -> tuple[pd.DataFrame, list[dict[str, object]]]:
     """Randomization curves and the self-test for every model of the study; writes ``sanity.parquet``,
     ``sanity_summary.csv`` and ``sanity_selftest.json``. Returns (summary, self-test records)."""
     cfg = config.sanity
@@ -417,7 +439,9 @@ def run_sanity(config: StudyConfig, paths: RunPaths, progress: bool = True) -> t
         curves.append(frame)
         work = paths.root / SANITY_FILES["work"]
         work.mkdir(parents=True, exist_ok=True)
-        for record in self_test(checkpoint, images, labels, cfg.methods, work, cfg.seed, config.explain.batch_size):
+        for record in self_test(
+            checkpoint, images, labels, cfg.methods, work, cfg.seed, config.explain.batch_size
+        ):
             checks.append({"arch": model_cfg.key, **record})
     table = pd.concat(curves, ignore_index=True)
     write_parquet_atomic(paths.root / SANITY_FILES["table"], table)

@@ -199,7 +199,7 @@ def run_explain(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
 
     for model in config.models:
         for stage in (1, 2):
-            explain_run(config, paths, model.key, stage)
+            explain_run(config, paths, model.key, stage, ctx=ctx)
 
 
 def drift_settings(config: StudyConfig) -> Any:

@@ -5,9 +5,10 @@ Files of one model under ``run/models/{key}/``:
 
 - ``stage{s}.safetensors`` + ``stage{s}.json``: the stage's best checkpoint, written when the stage is done;
   its sidecar's ``config_hash`` (the stage hash) marks the stage complete, so a rerun skips it.
-- ``stage{s}.last.pt``: rolling resume state after each completed epoch (weights, optimizer, RNG states,
-  counters; tensors and plain types only, loaded with ``weights_only=True``).
-- ``stage{s}.best.safetensors``: best weights so far; ``stage1.features.safetensors``: cached features.
+- ``stage{s}.last.pt``: rolling resume state after each completed epoch (weights of the trained module,
+  optimizer, RNG states, counters; tensors and plain types only, loaded with ``weights_only=True``).
+- ``stage{s}.best.safetensors``: best weights so far (stage 1: the head's only);
+  ``stage1.features.{train,val}.safetensors``: cached pooled features.
 - ``metrics.jsonl``: one record per (stage, epoch).
 
 Every epoch is a function of (stage seed, epoch): the data order (DistributedSampler), the augmentation
@@ -256,11 +257,13 @@ def fit(
 ) -> TrainState:
     """Train ``trainable``'s parameters that require grad for ``cfg.epochs`` epochs (resuming from
     ``files.last`` when it carries ``tag``), validating after each epoch, keeping the best weights of
-    ``model`` (by ``cfg.monitor``) in ``files.best``; early stopping after ``cfg.patience`` epochs without
-    improvement. Returns the final counters. ``on_step(label, step)`` is called after every optimizer step."""
+    ``trainable`` (by ``cfg.monitor``) in ``files.best``; early stopping after ``cfg.patience`` epochs without
+    improvement. Only ``trainable``'s state is saved: the whole model in stages 0 and 2, the head in stage 1
+    (the frozen backbone never changes). Returns the final counters. ``on_step(label, step)`` is called
+    after every optimizer step."""
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    state = load_resume_state(files.last, model, optimizer, tag) or TrainState()
+    state = load_resume_state(files.last, trainable, optimizer, tag) or TrainState()
     if state.epoch >= 0:
         logger.info("%s: resuming after epoch %d", label, state.epoch + 1)
     cuda = ctx.device.type == "cuda"
@@ -315,7 +318,7 @@ def fit(
             state.best, state.best_epoch, state.bad_epochs = value, epoch, 0
             state.best_metrics = dict(record)
             if ctx.is_main:
-                state_dict = models.unwrap(model).state_dict()
+                state_dict = models.unwrap(trainable).state_dict()
                 save_safetensors_atomic(files.best, state_dict, {"epoch": str(epoch), "tag": tag})
         else:
             state.bad_epochs += 1
@@ -323,7 +326,7 @@ def fit(
         state.epoch = epoch
         if ctx.is_main:
             log_epoch(files.metrics, {"stage": stage, "epoch": epoch, "config_hash": tag, **record})
-            save_resume_state(files.last, model, optimizer, state, tag)
+            save_resume_state(files.last, trainable, optimizer, state, tag)
             _log_line(label, epoch, cfg.epochs, record, state.stopped)
         distributed.barrier(ctx)
     return state
@@ -424,21 +427,26 @@ def stage_done(files: StageFiles, tag: str) -> bool:
 def _cached_features(
     model: nn.Module, feed: Feed, ctx: Context, batch_size: int, path: Path, tag: str
 ) -> TensorFeed:
-    """Pooled backbone features [N, F] of ``feed`` (computed once, then read from ``path``)."""
+    """Pooled backbone features [N, F] of ``feed`` (computed once, then read from ``path``); the feed's
+    ``seconds`` is the time the backbone pass took."""
     if path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("tag") == tag:
-                return TensorFeed(handle.get_tensor("x"), handle.get_tensor("y"))
+            metadata = handle.metadata() or {}
+            if metadata.get("tag") == tag:
+                seconds = float(metadata.get("seconds", "0"))
+                return TensorFeed(handle.get_tensor("x"), handle.get_tensor("y"), seconds)
+    started = time.perf_counter()
     model.eval()
     cuda = ctx.device.type == "cuda"
     labels, features = predict_logits(
         lambda x: models.pooled_features(model, x), feed, ctx, batch_size, autocast=cuda, channels_last=cuda
     )
+    seconds = time.perf_counter() - started
     if ctx.is_main:
-        save_safetensors_atomic(path, {"x": features, "y": labels}, {"tag": tag})
-    return TensorFeed(features, labels)
+        save_safetensors_atomic(path, {"x": features, "y": labels}, {"tag": tag, "seconds": repr(seconds)})
+    return TensorFeed(features, labels, seconds)
 
 
 def train_stage(
@@ -512,6 +520,7 @@ def train_stage(
                 f"{label}: the training split is empty; check data.split and the manifest {paths.manifest}"
             )
 
+        extra: dict[str, Any] = {}
         if stage == "1":
             head_module = models.get_head(model)
             trainable = _ddp(head_module, ctx)
@@ -524,6 +533,12 @@ def train_stage(
                     model, val_feed, ctx, cfg.batch_size, folder / "stage1.features.val.safetensors", tag
                 )
                 forward_train, forward_eval = trainable, head_module
+                extra["feature_cache_seconds"] = train_feed.seconds + val_feed.seconds
+                if ctx.is_main:
+                    logger.info(
+                        "%s: cached the features of %d train + %d val images in %.1f s", label,
+                        len(train_feed), len(val_feed), extra["feature_cache_seconds"],
+                    )  # fmt: skip
             else:
 
                 def forward_train(x: torch.Tensor) -> torch.Tensor:
@@ -541,7 +556,8 @@ def train_stage(
             seed, label, progress, on_step, stage,
         )  # fmt: skip
         if ctx.is_main:
-            _finalize(model, files, state, tag, stage, model_cfg, classes, size, mean, std, loss, head)
+            meta = {"classes": classes, "image_size": size, "mean": list(mean), "std": list(std), **extra}
+            _finalize(model, trainable, files, state, tag, stage, model_cfg, loss, head, meta)
         distributed.barrier(ctx)
     return files.final
 
@@ -554,13 +570,14 @@ def _ddp(module: nn.Module, ctx: Context) -> nn.Module:
 
 
 def _finalize(
-    model: nn.Module, files: StageFiles, state: TrainState, tag: str, stage: str, model_cfg: ModelConfig,
-    classes: list[str], size: int, mean: Any, std: Any, loss: str, head: HeadConfig,
+    model: nn.Module, trainable: nn.Module, files: StageFiles, state: TrainState, tag: str, stage: str,
+    model_cfg: ModelConfig, loss: str, head: HeadConfig, extra: dict[str, Any],
 ) -> None:  # fmt: skip
-    """Write the final checkpoint (best weights + sidecar), then remove the stage's working files."""
+    """Write the final checkpoint (best weights; sidecar with ``extra``: classes, image_size, mean, std...),
+    then remove the stage's working files."""
     net = models.unwrap(model)
     if files.best.is_file():
-        net.load_state_dict(load_file(str(files.best)), strict=True)
+        models.unwrap(trainable).load_state_dict(load_file(str(files.best)), strict=True)
     if stage == "1":
         models.unfreeze(net)
     net.eval()
@@ -569,19 +586,16 @@ def _finalize(
         "key": model_cfg.key,
         "timm_name": models.resolve_arch(model_cfg.arch),
         "head": head.model_dump(mode="json"),
-        "classes": classes,
         "stage": int(stage),
         "epoch": state.best_epoch,
         "epochs_run": state.epoch + 1,
         "early_stopped": state.stopped,
         "metrics": state.best_metrics,
         "config_hash": tag,
-        "image_size": size,
-        "mean": list(mean),
-        "std": list(std),
         "loss": loss,
         "weights": model_cfg.weights,
         "cam_layers": models.resolve_cam_layers(net, model_cfg.arch, model_cfg.cam_layers),
+        **extra,
     }
     models.save_checkpoint(files.final, net.cpu(), meta)
     for leftover in (files.best, files.last, *files.final.parent.glob(f"stage{stage}.features.*")):

@@ -376,7 +376,7 @@ class CAMEngine:
         self, name: str, x: torch.Tensor, idx: torch.Tensor, score: str, single: bool, input_hw: tuple[int, int]
     ) -> dict[MapKey, torch.Tensor]:
         """scorecam per layer (from the captured activations); integrated_gradients / smoothgrad at the input."""
-        B, T = idx.shape
+        T = idx.shape[1]
         results: dict[MapKey, torch.Tensor] = {}
         if name == "scorecam":
             for layer in self.layers:
@@ -439,6 +439,8 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: torch.Tensor
             idx = idx[:, None]
         if idx.ndim != 2:
             raise ValueError(f"targets must be [B] or [B, T] class indices, got shape {tuple(idx.shape)}")
+    if idx.is_inference():  # created under torch.inference_mode: autograd cannot save it
+        idx = idx.clone()
     if idx.shape[0] != B:
         raise ValueError(f"{idx.shape[0]} targets for a batch of {B} images")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= C):

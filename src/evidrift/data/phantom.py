@@ -2,9 +2,11 @@
 
 A phantom is a PA (posteroanterior) chest radiograph seen from the viewer: the patient's right is on the
 image's left, so the heart bulges to the image's right. Anatomy: soft-tissue thorax with shoulders and neck,
-two lung fields (dark) with diaphragm domes and vascular markings fanning out from the hila, heart and aortic
-knob, mediastinum, spine, posterior and anterior ribs (curved bright bands), clavicles. Each image jitters
-patient position, rotation, scale, lung size, heart size, exposure and gamma, and adds film noise.
+two lung fields (dark; deepest lucency mid-field) with diaphragm domes (the right one higher) and vascular
+markings fanning out from the hila, the cardiomediastinal silhouette (aortic knob, left ventricle reaching
+towards the left costophrenic angle), trachea, spine, posterior and anterior ribs (curved bright bands),
+clavicles, a gastric air bubble under the left dome. Each image jitters patient position, scale and build,
+lung size, apex and dome heights, heart size, rib spacing, exposure (gain, offset, gamma) and noise level.
 
 Classes and their lesions (intensity added to the lung fields; the mask is exactly where it was added):
 
@@ -14,7 +16,8 @@ Classes and their lesions (intensity added to the lung fields; the mask is exact
 - ``covid19``: bilateral peripheral lower-zone patchy ground-glass opacity (overlaps viral pneumonia).
 - ``tuberculosis``: upper-zone nodules and cavities (bright rim, fainter centre), one or both lungs.
 
-Everything is vectorised numpy on float32 [S, S] grids; one image is a pure function of its
+Everything is vectorised numpy on float32 grids (coordinates are separable: u [1, S] across, v [S, 1] down,
+so profiles along one axis cost 1-D work); one image is a pure function of its
 ``numpy.random.Generator``, so a set is deterministic by seed (per-image seeds from ``SeedSequence.spawn``)
 and PNG files are written with fixed settings, making the same seed produce byte-identical files.
 """
@@ -70,6 +73,9 @@ _GLYPHS: dict[str, tuple[str, ...]] = {
 
 #: zlib level of every PNG written (fixed: same seed → same bytes); 1 is 2x faster than 6, files +15%.
 PNG_COMPRESS_LEVEL = 1
+
+#: Least intensity a lesion pixel adds (before the detector response, whose slope is >= 0.75 in the lungs).
+LESION_FLOOR = 2.0 / 255.0
 
 
 # --- grids and noise ----------------------------------------------------------------------------------------
@@ -177,7 +183,9 @@ class _Anatomy:
         # and right border (superior vena cava, right atrium), as half-widths along v
         heart_size = rng.uniform(0.9, 1.12)
         heart_drop = rng.normal(0.0, 0.02)
-        levels = np.array([-0.5, -0.36, -0.3, -0.2, -0.08, 0.08, 0.24, 0.38, 0.5], dtype=np.float32) + heart_drop
+        levels = (
+            np.array([-0.5, -0.36, -0.3, -0.2, -0.08, 0.08, 0.24, 0.38, 0.5], dtype=np.float32) + heart_drop
+        )
         left = np.array([0.09, 0.17, 0.175, 0.15, 0.2, 0.33, 0.41, 0.43, 0.4], dtype=np.float32)
         right = np.array([0.08, 0.09, 0.09, 0.1, 0.12, 0.16, 0.19, 0.19, 0.17], dtype=np.float32)
         left[3:] *= heart_size
@@ -223,7 +231,9 @@ class _Anatomy:
         bones = 0.075 * posterior + 0.03 * anterior + 0.12 * clavicle + spine
         # gastric air bubble under the left hemidiaphragm (the image's right)
         bubble_v = v_base - 0.26 * math.exp(-(((0.4 - 0.36) / 0.26) ** 2)) + 0.1
-        bubble = float(rng.random() < 0.7) * np.exp(-(((u - 0.4) / 0.09) ** 2 + ((v - bubble_v) / 0.045) ** 2))
+        bubble = float(rng.random() < 0.7) * np.exp(
+            -(((u - 0.4) / 0.09) ** 2 + ((v - bubble_v) / 0.045) ** 2)
+        )
 
         air = rng.uniform(0.34, 0.42)
         self.base = (
@@ -320,8 +330,10 @@ def _lesion(label: str, anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarr
         raise ValueError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
     lesion = lesion.astype(np.float32)
     threshold = 0.02 * float(lesion.max()) if lesion.max() > 0 else 0.0
-    lesion[lesion < max(threshold, 1e-4)] = 0.0
-    return lesion
+    inside = lesion >= max(threshold, 1e-4)
+    # every lesion pixel adds at least LESION_FLOOR, so that it still differs from the lesion-free rendering
+    # after the detector response and 8-bit quantization: the mask is exact in the PNG files too
+    return np.where(inside, np.maximum(lesion, np.float32(LESION_FLOOR)), np.float32(0.0)).astype(np.float32)
 
 
 def _draw_marker(image: np.ndarray, label: str, text: str = "L") -> None:
@@ -351,7 +363,8 @@ def render_phantom(
     Returns (image float32 [S, S] in [0, 1], mask bool [S, S]): the mask is exactly where lesion intensity
     was added (empty for ``normal``). ``shortcut`` burns in the class's marker. ``with_lesion=False`` draws
     the same random numbers but leaves the lesion out (the lesion-free twin of the same patient), so that
-    ``render(rng=g(s)) - render(rng=g(s), with_lesion=False)`` is non-zero exactly on the mask.
+    ``render(rng=g(s)) - render(rng=g(s), with_lesion=False)`` is non-zero exactly on the mask, both in
+    float32 and after 8-bit quantization (each lesion pixel adds at least ``LESION_FLOOR``).
     """
     if label not in CLASSES:
         raise ValueError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
@@ -428,7 +441,7 @@ def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray
 
 # --- writing sets -------------------------------------------------------------------------------------------
 def to_png_bytes(image: np.ndarray) -> bytes:
-    """float [H, W] in [0, 1] → 8-bit grayscale PNG bytes; bool [H, W] → 1-bit PNG. Fixed settings (deterministic)."""
+    """float [H, W] in [0, 1] → 8-bit gray PNG bytes; bool [H, W] → 1-bit PNG (fixed settings)."""
     import io
 
     from PIL import Image
@@ -660,7 +673,9 @@ def write_preview(
                 ax.set_ylabel(label.replace("_", " "), fontsize=10)
             if bool(record.get("marker", False)):
                 ax.set_title("marker", fontsize=7, color="#b36b00")
-    fig.suptitle(f"{manifest.parent.name}: {len(frame)} images, lesion masks outlined in red", fontsize=10)
+    marked = int(frame["marker"].astype(bool).sum()) if "marker" in frame.columns else 0
+    title = f"{manifest.parent.name}: {len(frame)} images, lesion masks outlined in red"
+    fig.suptitle(title + (f", {marked} with the class marker" if marked else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})

@@ -4,7 +4,8 @@ Formats and how their values map to [0, 1]:
 
 - PNG / JPEG / BMP (Pillow): 8-bit by 255, 16-bit by 65535 (no stretching, so relative brightness between
   files is kept); RGB, RGBA, LA and palette images become luma ``0.299 R + 0.587 G + 0.114 B`` (ITU-R 601,
-  what Pillow's ``convert("L")`` uses), the alpha channel is ignored; bilevel images give 0 or 1.
+  what Pillow's ``convert("L")`` uses), the alpha channel is ignored; bilevel images give 0 or 1. Pillow
+  reduces 16-bit colour PNGs (RGB48, gray+alpha 16) to 8 bits per channel; 16-bit grayscale keeps all levels.
 - TIFF (tifffile): integer types by their maximum (uint8 255, uint16 65535, uint32 2**32 - 1), signed
   integers and floats outside [0, 1] are min-max stretched; RGB(A) as above. Multi-page files are refused.
 - DICOM (pydicom): the Modality LUT (rescale slope/intercept), then the VOI LUT or the window

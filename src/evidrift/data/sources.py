@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from evidrift.artifacts import RunPaths, write_json_atomic, write_parquet_atomic
 from evidrift.data.phantom import (
@@ -313,7 +314,10 @@ def build_manifest(
     statuses: list[str] = []
     problems: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
-        shapes = list(pool.map(_try_shape, table["abs_path"]))
+        decoded = pool.map(_try_shape, table["abs_path"])
+        shapes = list(
+            tqdm(decoded, total=len(table), desc="checking images", unit="img", disable=len(table) < 500)
+        )
     bad = [
         (w, p, s)
         for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True)

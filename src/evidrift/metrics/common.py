@@ -148,8 +148,10 @@ def sort_and_rank(x: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
     ``backend``: ``auto`` (numpy radix sort on CPU, split over the torch intra-op threads; torch.sort
     elsewhere), ``numpy`` or ``torch``.
     """
-    if backend == "torch" or (backend == "auto" and x.device.type != "cpu"):
+    if backend == "torch" or (backend == "auto" and (x.device.type != "cpu" or x.dtype != torch.float32)):
         return _sort_and_rank_torch(x)
+    if x.dtype != torch.float32:
+        raise ValueError(f"the numpy radix sort needs float32 rows, got {x.dtype}")
     xn = x.detach().contiguous().numpy()
     workers = max(1, min(torch.get_num_threads(), xn.shape[0]))
     if workers == 1:

@@ -21,18 +21,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from evidrift.artifacts import atomic_path  # noqa: E402
-from evidrift.probe import PROBE_FILES, PROBE_METRICS  # noqa: E402
+from evidrift.probe import PROBE_FILES, metric_order  # noqa: E402
+from evidrift.report.figures import render_png, style  # noqa: E402
 from evidrift.sanity import SANITY_FILES, SIMILARITY_METRICS  # noqa: E402
 
-_DPI = 110
 
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
-    plt.close(fig)
+def _save(fig: Figure, path: Path) -> Path:
+    render_png(fig, path)
     return path
 
 
@@ -43,68 +40,95 @@ def _ci_err(frame: pd.DataFrame) -> list[list[float]]:
 
 
 # --- figures -------------------------------------------------------------------------------------------------
+def probe_figure(frame: pd.DataFrame, arch: str) -> Figure:
+    """Head probing figure of one architecture: a panel per metric, variants on x, one bar per CAM method
+    with its bootstrap CI (accuracy: one bar); dashed line: chance level 1/n² of gridpg@n."""
+    metrics = metric_order(frame["metric"].tolist())
+    variants = list(dict.fromkeys(frame["variant"]))
+    methods = [m for m in dict.fromkeys(frame["method"]) if m != "-"]
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        part = frame[frame["metric"] == metric]
+        groups = ["-"] if metric == "correct" else methods
+        width = 0.8 / max(len(groups), 1)
+        for g, method in enumerate(groups):
+            values = part[part["method"] == method].set_index("variant").reindex(variants)
+            xs = [i - 0.4 + width * (g + 0.5) for i in range(len(variants))]
+            label = "accuracy" if method == "-" else str(method)
+            ax.bar(xs, values["mean"], width, yerr=_ci_err(values), capsize=2, label=label)
+        ax.set_title("accuracy" if metric == "correct" else metric)
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels(variants, rotation=35, ha="right")
+        if metric.startswith("gridpg@"):
+            n = int(metric.split("@")[1])
+            ax.axhline(1 / n**2, color="grey", lw=0.8, ls="--")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[min(1, len(metrics) - 1)].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=max(1, len(labels)),
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.02),
+    )
+    fig.suptitle(f"head probing, {arch} (mean, 95% CI)", y=1.06)
+    return fig
+
+
+def sanity_figure(frame: pd.DataFrame, arch: str, mode: str) -> Figure:
+    """Randomization curves of one (architecture, mode): a panel per similarity metric, steps on x (the
+    block randomized at each step), one curve per CAM method with its CI band."""
+    metrics = [m for m in SIMILARITY_METRICS if m in set(frame["metric"])]
+    steps = frame[["step", "block"]].drop_duplicates().sort_values("step")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for method, part in frame[frame["metric"] == metric].groupby("method", sort=False):
+            part = part.sort_values("step")
+            ax.plot(part["step"], part["mean"], marker="o", ms=3, label=str(method))
+            ax.fill_between(part["step"], part["ci_low"], part["ci_high"], alpha=0.15)
+        ax.set_title(metric)
+        ax.set_ylim(-1.05, 1.05)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xticks(steps["step"])
+        ax.set_xticklabels(steps["block"], rotation=60, ha="right")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("similarity to the original maps")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=max(1, len(labels)),
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.08),
+    )
+    fig.suptitle(f"{mode} randomization, {arch}", y=1.14)
+    return fig
+
+
 def write_probe_figures(summary: pd.DataFrame, figures_dir: str | os.PathLike[str]) -> list[Path]:
-    """One figure per architecture, ``probe_{arch}.png``: a panel per metric, variants on x, one bar per CAM
-    method with its bootstrap CI (accuracy has a single bar). ``summary``: the ``probe_summary.csv`` table."""
+    """``figures_dir/probe_{arch}.png`` per architecture of ``summary`` (the ``probe_summary.csv`` table)."""
     out: list[Path] = []
-    for arch, frame in summary.groupby("arch", sort=True):
-        metrics = [m for m in PROBE_METRICS if m in set(frame["metric"])]
-        variants = list(dict.fromkeys(frame["variant"]))
-        methods = [m for m in dict.fromkeys(frame["method"]) if m != "-"]
-        cols = min(3, len(metrics))
-        rows = math.ceil(len(metrics) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), squeeze=False)
-        for ax, metric in zip(axes.flat, metrics, strict=False):
-            part = frame[frame["metric"] == metric]
-            groups = ["-"] if metric == "correct" else methods
-            width = 0.8 / max(len(groups), 1)
-            for g, method in enumerate(groups):
-                rows_m = part[part["method"] == method].set_index("variant").reindex(variants)
-                xs = [i - 0.4 + width * (g + 0.5) for i in range(len(variants))]
-                ax.bar(xs, rows_m["mean"], width, yerr=_ci_err(rows_m), capsize=2,
-                       label="accuracy" if method == "-" else method)
-            ax.set_title("accuracy" if metric == "correct" else metric)
-            ax.set_xticks(range(len(variants)))
-            ax.set_xticklabels(variants, rotation=35, ha="right", fontsize=8)
-            if metric.startswith("gridpg@"):
-                n = int(metric.split("@")[1])
-                ax.axhline(1 / n**2, color="grey", lw=0.8, ls="--")
-            ax.grid(axis="y", alpha=0.3)
-        for ax in list(axes.flat)[len(metrics):]:
-            ax.axis("off")
-        handles, labels = axes.flat[min(1, len(metrics) - 1)].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), frameon=False,
-                   bbox_to_anchor=(0.5, 1.02))
-        fig.suptitle(f"head probing, {arch} (mean, 95% CI)", y=1.06)
-        out.append(_save(fig, Path(figures_dir) / f"probe_{_file_part(str(arch))}.png"))
+    with style():
+        for arch, frame in summary.groupby("arch", sort=True):
+            path = Path(figures_dir) / f"probe_{_file_part(str(arch))}.png"
+            out.append(_save(probe_figure(frame, str(arch)), path))
     return out
 
 
 def write_sanity_figures(summary: pd.DataFrame, figures_dir: str | os.PathLike[str]) -> list[Path]:
-    """One figure per (architecture, mode), ``sanity_{arch}_{mode}.png``: a panel per similarity metric,
-    randomization steps on x (block names), one curve per CAM method with its CI band."""
+    """``figures_dir/sanity_{arch}_{mode}.png`` per (architecture, mode) of ``summary``
+    (the ``sanity_summary.csv`` table)."""
     out: list[Path] = []
-    for (arch, mode), frame in summary.groupby(["arch", "mode"], sort=True):
-        metrics = [m for m in SIMILARITY_METRICS if m in set(frame["metric"])]
-        steps = frame[["step", "block"]].drop_duplicates().sort_values("step")
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.6), squeeze=False)
-        for ax, metric in zip(axes[0], metrics, strict=True):
-            for method, part in frame[frame["metric"] == metric].groupby("method", sort=False):
-                part = part.sort_values("step")
-                ax.plot(part["step"], part["mean"], marker="o", ms=3, label=str(method))
-                ax.fill_between(part["step"], part["ci_low"], part["ci_high"], alpha=0.15)
-            ax.set_title(metric)
-            ax.set_ylim(-1.05, 1.05)
-            ax.axhline(0, color="grey", lw=0.6)
-            ax.set_xticks(steps["step"])
-            ax.set_xticklabels(steps["block"], rotation=60, ha="right", fontsize=7)
-            ax.grid(alpha=0.3)
-        axes[0, 0].set_ylabel("similarity to the original maps")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), frameon=False,
-                   bbox_to_anchor=(0.5, 1.08))
-        fig.suptitle(f"{mode} randomization, {arch}", y=1.14)
-        out.append(_save(fig, Path(figures_dir) / f"sanity_{_file_part(str(arch))}_{mode}.png"))
+    with style():
+        for (arch, mode), frame in summary.groupby(["arch", "mode"], sort=True):
+            path = Path(figures_dir) / f"sanity_{_file_part(str(arch))}_{mode}.png"
+            out.append(_save(sanity_figure(frame, str(arch), str(mode)), path))
     return out
 
 
@@ -126,7 +150,9 @@ def _fmt(mean: float, low: float, high: float) -> str:
     return f"{mean:.3f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], bold: set[tuple[int, int]] | None = None) -> str:
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], bold: set[tuple[int, int]] | None = None
+) -> str:
     bold = bold or set()
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
@@ -136,14 +162,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], bold: set[tuple
             for j, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f'<table class="probe"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def probe_table(summary: pd.DataFrame, arch: str, method: str) -> tuple[list[str], list[list[str]], set]:
     """(header, rows, bold cells) of one arch × method: a row per variant, a column per metric, mean [CI];
     the best variant per localization metric is bold (highest mean)."""
     frame = summary[(summary["arch"] == arch) & (summary["method"].isin([method, "-"]))]
-    metrics = [m for m in PROBE_METRICS if m in set(frame["metric"])]
+    metrics = metric_order(frame["metric"].tolist())
     variants = list(dict.fromkeys(frame["variant"]))
     header = ["variant", *["accuracy" if m == "correct" else m for m in metrics]]
     rows, bold = [], set()
@@ -214,8 +240,14 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
         if selftest.is_file():
             result = json.loads(selftest.read_text(encoding="utf-8"))
             rows = [
-                [str(r["arch"]), str(r["check"]), str(r["metric"]), _cell(r["value"]), str(r["expected"]),
-                 "pass" if r["passed"] else "FAIL"]
+                [
+                    str(r["arch"]),
+                    str(r["check"]),
+                    str(r["metric"]),
+                    _cell(r["value"]),
+                    str(r["expected"]),
+                    "pass" if r["passed"] else "FAIL",
+                ]
                 for r in result["checks"]
             ]
             parts.append("<h3>Metric self-test</h3>")
