@@ -21,23 +21,27 @@ import argparse
 import statistics
 import time
 
-import evidrift  # noqa: F401  (before timm)
-import timm
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from evidrift.cam import CAMEngine
+from evidrift.cam import CAMEngine  # evidrift first: timm and pytorch_grad_cam import torchvision (compat)
 
 LAYERS = {"densenet201": "features.norm5", "resnetv2_50": "norm", "inception_v3": "Mixed_7c"}
-METHODS = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "layercam": LayerCAM,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "gradcam_elementwise": GradCAMElementWise,
-}
+METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "gradcam_elementwise"]
+
+
+def reference_classes() -> dict[str, type]:
+    """pytorch-grad-cam's classes for METHODS (imported after evidrift)."""
+    import pytorch_grad_cam as pgc
+
+    classes = [
+        pgc.GradCAM,
+        pgc.GradCAMPlusPlus,
+        pgc.LayerCAM,
+        pgc.XGradCAM,
+        pgc.HiResCAM,
+        pgc.GradCAMElementWise,
+    ]
+    return dict(zip(METHODS, classes, strict=True))
 
 
 def timed(fn) -> float:
@@ -47,6 +51,10 @@ def timed(fn) -> float:
 
 
 def bench(arch: str, batch: int, size: int, repeats: int) -> dict[str, float]:
+    import timm
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    reference_cams = reference_classes()
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False).eval()
     layer = LAYERS[arch]
@@ -61,11 +69,11 @@ def bench(arch: str, batch: int, size: int, repeats: int) -> dict[str, float]:
 
     def ours() -> None:
         with CAMEngine(model, [layer]) as engine:
-            engine(x, targets, methods=list(METHODS))
+            engine(x, targets, methods=METHODS)
 
     def reference() -> None:
         wrapped = [ClassifierOutputTarget(int(t)) for t in targets]
-        for cls in METHODS.values():
+        for cls in reference_cams.values():
             with cls(model, [module]) as cam:
                 cam(x, wrapped)
         model.zero_grad(set_to_none=True)
@@ -82,7 +90,8 @@ def bench(arch: str, batch: int, size: int, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--archs", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
@@ -91,14 +100,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads, {args.repeats} repeats, "
-          f"six CAMs: {', '.join(METHODS)}")
-    print(f"{'arch':<14}{'layer':<16}{'forward s':>10}{'evidrift s':>11}{'grad-cam s':>11}"
-          f"{'evidrift/forward':>18}{'grad-cam/evidrift':>19}")
+    print(
+        f"batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads, {args.repeats} repeats, "
+        f"six CAMs: {', '.join(METHODS)}"
+    )
+    print(
+        f"{'arch':<14}{'layer':<16}{'forward s':>10}{'evidrift s':>11}{'grad-cam s':>11}"
+        f"{'evidrift/forward':>18}{'grad-cam/evidrift':>19}"
+    )
     for arch in args.archs:
         t = bench(arch, args.batch, args.size, args.repeats)
-        print(f"{arch:<14}{LAYERS[arch]:<16}{t['forward']:>10.3f}{t['evidrift']:>11.3f}{t['grad-cam']:>11.3f}"
-              f"{t['evidrift'] / t['forward']:>17.2f}x{t['grad-cam'] / t['evidrift']:>18.1f}x", flush=True)
+        print(
+            f"{arch:<14}{LAYERS[arch]:<16}{t['forward']:>10.3f}{t['evidrift']:>11.3f}{t['grad-cam']:>11.3f}"
+            f"{t['evidrift'] / t['forward']:>17.2f}x{t['grad-cam'] / t['evidrift']:>18.1f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

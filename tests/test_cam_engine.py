@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import gc
 
-import evidrift  # noqa: F401  (before timm)
 import psutil
 import pytest
 import timm
 import torch
 from torch import nn
 
+import evidrift  # noqa: F401  (before timm)
 from evidrift.cam import CAMEngine, fuse, resolve_method
 from evidrift.cam.engine import channels_first, token_grid
-
 
 
 @pytest.fixture(autouse=True)
@@ -74,12 +73,23 @@ def test_all_methods_share_one_backward(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting)
-    methods = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "gradcam_elementwise", "eigengradcam",
-               "gradient", "input_x_gradient"]
+    methods = [
+        "gradcam",
+        "gradcam++",
+        "layercam",
+        "xgradcam",
+        "hirescam",
+        "gradcam_elementwise",
+        "eigengradcam",
+        "gradient",
+        "input_x_gradient",
+    ]
     with CAMEngine(hand_net(), ["conv", "act"]) as engine:
         out = engine(X, 0, methods=methods)
     assert len(calls) == 1
-    assert set(out.maps) == {("conv", m) for m in methods[:7]} | {("act", m) for m in methods[:7]} | set(methods[7:])
+    assert set(out.maps) == {("conv", m) for m in methods[:7]} | {("act", m) for m in methods[:7]} | set(
+        methods[7:]
+    )
     # d score / dx = Σ_k w_conv_k · G_k · 1[A_k > 0] (ReLU'(0) = 0 at the zero pixel)
     torch.testing.assert_close(out.maps["gradient"], torch.tensor([[[1.0, 1.0], [2.0, 0.0]]]))
 
@@ -115,8 +125,14 @@ def test_hooks_removed_and_flags_restored_after_exception():
 
 def test_batchnorm_stats_untouched_and_eval_mode_used():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(4, 3)).train()
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(2, 3, 8, 8)
     with CAMEngine(net, ["2"]) as engine:
@@ -132,8 +148,15 @@ def test_inplace_relu_after_target_layer():
 
     def make(inplace: bool) -> nn.Sequential:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(6, 5, 3),
-                             nn.ReLU(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            nn.Conv2d(6, 5, 3),
+            nn.ReLU(inplace=inplace),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(5, 3),
+        ).eval()
 
     x = torch.randn(2, 3, 10, 10)
     methods = ["gradcam", "hirescam", "layercam", "gradcam++"]
@@ -250,8 +273,16 @@ def test_channels_last_feature_maps_are_permuted():
     assert channels_first(torch.randn(2, 56, 56, 96), (224, 224), "auto").shape == (2, 96, 56, 56)
     assert channels_first(torch.randn(2, 96, 56, 56), (224, 224), "auto").shape == (2, 96, 56, 56)
     torch.manual_seed(0)
-    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, img_size=64,
-                             embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2).eval()
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=3,
+        img_size=64,
+        embed_dim=16,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 2, 2),
+        window_size=2,
+    ).eval()
     with CAMEngine(swin, ["layers.2", "norm"]) as engine:
         out = engine(torch.randn(2, 3, 64, 64), "prediction", methods=["gradcam", "hirescam"])
     assert out.maps[("layers.2", "gradcam")].shape == (2, 4, 4)
@@ -280,8 +311,15 @@ def test_call_without_context_manager_leaves_no_hooks():
 
 def test_memory_flat_over_1000_calls():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3), nn.ReLU(inplace=True),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
     x = torch.randn(4, 3, 16, 16)
     methods = ["gradcam", "gradcam++", "layercam", "eigengradcam", "gradient"]
     process = psutil.Process()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import evidrift  # noqa: F401
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import evidrift  # noqa: F401
 from evidrift.cam import is_degenerate, minmax_normalize, overlay, sum_to_one, upsample
 from evidrift.cam.methods import eigencam, first_component_projection, gradcam_plusplus, xgradcam
 
@@ -16,7 +16,9 @@ def test_upsample_matches_interpolate_and_keeps_leading_dims():
     m = torch.rand(2, 3, 4, 5)
     out = upsample(m, (8, 10))
     assert out.shape == (2, 3, 8, 10)
-    torch.testing.assert_close(out[1, 2], F.interpolate(m[1, 2][None, None], size=(8, 10), mode="bilinear")[0, 0])
+    torch.testing.assert_close(
+        out[1, 2], F.interpolate(m[1, 2][None, None], size=(8, 10), mode="bilinear")[0, 0]
+    )
     assert upsample(m, 4).shape == (2, 3, 4, 4)
 
 

@@ -8,7 +8,6 @@ classifier weights are scaled up so that the logits have a trained scale (DESIGN
 
 from __future__ import annotations
 
-import evidrift  # noqa: F401  (before timm)
 import numpy as np
 import pytest
 import timm
@@ -26,6 +25,7 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+import evidrift  # noqa: F401  (before timm)
 from evidrift.cam import CAMEngine
 
 REFERENCE = {
@@ -102,9 +102,12 @@ def test_parity_with_pytorch_grad_cam(setup, method):
     module = dict(model.named_modules())[layer]
     raw, acts = reference_raw(model, module, REFERENCE[method], x, out.targets.tolist())
     if method.startswith("eigen"):
-        # pytorch-grad-cam keeps LAPACK's arbitrary sign; DESIGN § 5 fixes it: positive correlation with Σ_k A_k
+        # pytorch-grad-cam keeps LAPACK's arbitrary sign; DESIGN § 5 fixes it: positive correlation
+        # with Σ_k A_k
         ref_sum = acts.sum(axis=1)
-        corr = ((raw - raw.mean(axis=(1, 2), keepdims=True)) * (ref_sum - ref_sum.mean(axis=(1, 2), keepdims=True)))
+        corr = (raw - raw.mean(axis=(1, 2), keepdims=True)) * (
+            ref_sum - ref_sum.mean(axis=(1, 2), keepdims=True)
+        )
         raw = raw * np.where(corr.sum(axis=(1, 2)) < 0, -1.0, 1.0)[:, None, None]
     expected = exact_minmax(np.maximum(raw, 0))
     mine = out.maps[method].numpy()
@@ -131,7 +134,7 @@ def test_scorecam_parity():
 
 
 def test_vit_tokens_parity_with_reshape_transform():
-    """Token activations: evidrift's automatic grid reshape = pytorch-grad-cam with the documented transform."""
+    """Token activations: evidrift's automatic grid reshape = pytorch-grad-cam with the usual transform."""
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=4, img_size=64).eval()
     with torch.no_grad():

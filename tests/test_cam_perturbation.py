@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import evidrift  # noqa: F401
 import pytest
 import torch
 from torch import nn
 
+import evidrift  # noqa: F401
 from evidrift.cam import CAMEngine
 from evidrift.cam.perturbation import integrated_gradients, scorecam, smoothgrad
 
@@ -26,8 +26,15 @@ def linear_model() -> nn.Sequential:
 
 def conv_model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(5, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    ).eval()
 
 
 def test_integrated_gradients_exact_on_linear_model():
@@ -40,7 +47,10 @@ def test_integrated_gradients_exact_on_linear_model():
         got = integrated_gradients(model, x, target, steps=5, chunk_size=chunk)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # completeness: Σ attribution = f(x) − f(x₀); checked on the signed attribution through a zero baseline
-    logits = model(x).gather(1, target[:, None])[:, 0] - model(torch.zeros_like(x)).gather(1, target[:, None])[:, 0]
+    logits = (
+        model(x).gather(1, target[:, None])[:, 0]
+        - model(torch.zeros_like(x)).gather(1, target[:, None])[:, 0]
+    )
     torch.testing.assert_close((x * w).sum(dim=(1, 2, 3)), logits, rtol=1e-5, atol=1e-5)
 
 
@@ -83,7 +93,9 @@ def test_engine_dispatches_perturbation_methods():
     model = conv_model()
     x = torch.randn(2, 2, 6, 6)
     with CAMEngine(model, ["3"], chunk_size=16, ig_steps=4, smoothgrad_samples=3) as engine:
-        out = engine(x, [[0, 1], [2, 0]], methods=["scorecam", "integrated_gradients", "smoothgrad", "gradcam"])
+        out = engine(
+            x, [[0, 1], [2, 0]], methods=["scorecam", "integrated_gradients", "smoothgrad", "gradcam"]
+        )
         single = engine(x, torch.tensor([0, 2]), methods=["integrated_gradients", "scorecam"])
     assert out.maps["scorecam"].shape == (2, 2, 6, 6)
     assert out.maps["integrated_gradients"].shape == (2, 2, 6, 6)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
-import evidrift  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+import evidrift  # noqa: F401
 from evidrift.artifacts import RunPaths, maps_shards, read_maps, read_maps_shard, write_parquet_atomic
 from evidrift.cam import CAMEngine
 from evidrift.config import HeadConfig, parse_config
@@ -35,8 +35,12 @@ def make_run(root) -> tuple[object, RunPaths]:
     config = parse_config(
         {
             "models": [{"arch": "test_resnet", "cam_layers": ["layer3"]}],
-            "explain": {"methods": ["gradcam", "layercam", "ms-gradcam"], "samples": "tp_any", "batch_size": 2,
-                        "shard_size": 4},
+            "explain": {
+                "methods": ["gradcam", "layercam", "ms-gradcam"],
+                "samples": "tp_any",
+                "batch_size": 2,
+                "shard_size": 4,
+            },
             "train": {"device": "cpu"},
             "output": {"dir": str(root)},
         }
@@ -48,29 +52,54 @@ def make_run(root) -> tuple[object, RunPaths]:
         file = root / "images" / f"img{i}.png"
         file.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(file)
-        rows.append({"id": f"id{i}", "path": str(file), "label": CLASSES[i % 3], "label_idx": i % 3,
-                     "split": "test" if i < N_TEST else "train", "status": "ok"})
+        rows.append(
+            {
+                "id": f"id{i}",
+                "path": str(file),
+                "label": CLASSES[i % 3],
+                "label_idx": i % 3,
+                "split": "test" if i < N_TEST else "train",
+                "status": "ok",
+            }
+        )
     write_parquet_atomic(paths.manifest, pd.DataFrame(rows))
     (paths.data_dir / "classes.json").write_text(json.dumps(CLASSES))
     for stage in (1, 2):
         torch.manual_seed(stage)
         model = build_model("test_resnet", 3, HeadConfig())
-        meta = {"arch": "test_resnet", "head": HeadConfig().model_dump(), "classes": CLASSES, "stage": stage,
-                "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3, "loss": "ce"}
+        meta = {
+            "arch": "test_resnet",
+            "head": HeadConfig().model_dump(),
+            "classes": CLASSES,
+            "stage": stage,
+            "image_size": 64,
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "loss": "ce",
+        }
         save_checkpoint(paths.checkpoint("test_resnet", stage), model, meta)
     labels = [i % 3 for i in range(N_TEST)]
-    pred1 = [lab if i % 2 == 0 else (lab + 1) % 3 for i, lab in enumerate(labels)]  # even ids right at stage 1
+    pred1 = [
+        lab if i % 2 == 0 else (lab + 1) % 3 for i, lab in enumerate(labels)
+    ]  # even ids right at stage 1
     pred2 = [lab if i % 3 == 0 else (lab + 1) % 3 for i, lab in enumerate(labels)]  # 0, 3, 6 right at stage 2
-    table = pd.DataFrame({"id": [f"id{i}" for i in range(N_TEST)], "label": labels, "pred_stage1": pred1,
-                          "pred_stage2": pred2})
+    table = pd.DataFrame(
+        {"id": [f"id{i}" for i in range(N_TEST)], "label": labels, "pred_stage1": pred1, "pred_stage2": pred2}
+    )
     write_parquet_atomic(paths.eval_table("test_resnet"), table)
     return config, paths
 
 
 def test_select_samples_rules():
     test = pd.DataFrame({"id": ["x", "y", "z", "w"]})
-    table = pd.DataFrame({"id": ["w", "x", "y", "z"], "label": [0, 1, 2, 0], "pred_stage1": [0, 1, 0, 1],
-                          "pred_stage2": [1, 1, 2, 1]})
+    table = pd.DataFrame(
+        {
+            "id": ["w", "x", "y", "z"],
+            "label": [0, 1, 2, 0],
+            "pred_stage1": [0, 1, 0, 1],
+            "pred_stage2": [1, 1, 2, 1],
+        }
+    )
     assert select_samples(test, table, "tp_both", None)["id"].tolist() == ["x"]
     assert select_samples(test, table, "tp_any", None)["id"].tolist() == ["x", "y", "w"]
     assert select_samples(test, table, "all", 2)["id"].tolist() == ["x", "y"]
@@ -116,8 +145,10 @@ def test_ranks_shares_form_one_store(tmp_path):
     copy = RunPaths.at(tmp_path / "single")
     shutil.copytree(paths.root, copy.root)
     explain_run(config, copy, "test_resnet", 2, ctx=Context(), progress=False)
-    shares = [explain_run(config, paths, "test_resnet", 2, ctx=Context(rank=r, world_size=2), progress=False)
-              for r in (0, 1)]
+    shares = [
+        explain_run(config, paths, "test_resnet", 2, ctx=Context(rank=r, world_size=2), progress=False)
+        for r in (0, 1)
+    ]
     assert [s.written for s in shares] == [2, 1]
     for method in ("gradcam", "layercam"):
         single, single_ids, _ = read_maps(copy, "test_resnet", 2, method)

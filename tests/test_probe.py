@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import evidrift  # noqa: F401  (before timm)
 import pandas as pd
 import pytest
 import torch
 
+import evidrift  # noqa: F401  (before timm)
 from evidrift import models
 from evidrift.artifacts import RunPaths
 from evidrift.cam import CAMEngine, upsample
@@ -38,12 +38,19 @@ from evidrift.probe import (
 )
 
 
-# --- variants ------------------------------------------------------------------------------------------------
+# --- variants -----------------------------------------------------------------------------------------------
 def test_variants_cover_losses_times_heads_and_map_to_head_configs() -> None:
     variants = probe_variants(["ce", "bce"], ["linear", "linear_nobias", "mlp2", "mlp3"])
     assert [v.name for v in variants] == [
-        "ce-linear", "ce-linear_nobias", "ce-mlp2", "ce-mlp3", "bce-linear", "bce-linear_nobias", "bce-mlp2", "bce-mlp3",
-    ]  # fmt: skip
+        "ce-linear",
+        "ce-linear_nobias",
+        "ce-mlp2",
+        "ce-mlp3",
+        "bce-linear",
+        "bce-linear_nobias",
+        "bce-mlp2",
+        "bce-mlp3",
+    ]
     assert ProbeVariant("ce", "linear_nobias").head_config(8) == HeadConfig(
         type="linear", bias=False, hidden=8
     )
@@ -55,7 +62,7 @@ def test_variants_cover_losses_times_heads_and_map_to_head_configs() -> None:
 def test_config_rejects_even_smoothing_and_unknown_heads() -> None:
     with pytest.raises(ConfigError, match="smoothing"):
         parse_config({"probe": {"smoothing": 4}})
-    with pytest.raises(ConfigError, match="probe.heads"):
+    with pytest.raises(ConfigError, match=r"probe\.heads"):
         parse_config({"probe": {"heads": ["linear", "mlp4"]}})
 
 
@@ -69,7 +76,7 @@ def test_confident_correct_needs_every_variant() -> None:
     assert confident_correct([wrong], ["ce"], labels, 0.5).tolist() == [False, True, True]
 
 
-# --- grids ---------------------------------------------------------------------------------------------------
+# --- grids --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("size", "n"), [(64, 2), (64, 3), (100, 3), (150, 4)])
 def test_cells_match_gridpg_cells(size: int, n: int) -> None:
     edges = cell_edges(size, n)
@@ -180,13 +187,25 @@ def test_every_head_variant_trains_on_cached_features(tmp_path: Path) -> None:
             assert torch.equal(a, b)  # reused, not retrained
 
 
-# --- tables --------------------------------------------------------------------------------------------------
+# --- tables -------------------------------------------------------------------------------------------------
 def _toy_table() -> pd.DataFrame:
     rows = []
     for i in range(12):
         for variant, shift in (("ce-linear", 0.0), ("bce-linear", 0.3)):
-            rows.append(dict(arch="a", variant=variant, loss=variant[:-7], head="linear", method="gradcam",
-                             unit="grid2", unit_id=f"g{i}", target="x", metric="gridpg@2", value=0.3 + shift + 0.01 * i))  # fmt: skip
+            rows.append(
+                dict(
+                    arch="a",
+                    variant=variant,
+                    loss=variant[:-7],
+                    head="linear",
+                    method="gradcam",
+                    unit="grid2",
+                    unit_id=f"g{i}",
+                    target="x",
+                    metric="gridpg@2",
+                    value=0.3 + shift + 0.01 * i,
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -204,8 +223,13 @@ def test_paired_tests_find_a_planted_difference_and_best_variant() -> None:
 
 def test_metric_order_groups_families() -> None:
     assert metric_order(["gini", "gridpg@3", "correct", "pointing_game", "gridpg@2", "entropy"]) == [
-        "correct", "gridpg@2", "gridpg@3", "pointing_game", "entropy", "gini",
-    ]  # fmt: skip
+        "correct",
+        "gridpg@2",
+        "gridpg@3",
+        "pointing_game",
+        "entropy",
+        "gini",
+    ]
 
 
 def test_probing_config_needs_exactly_one_source(tmp_path: Path) -> None:
@@ -216,20 +240,32 @@ def test_probing_config_needs_exactly_one_source(tmp_path: Path) -> None:
     assert probing_config(None, True, tmp_path).output.dir == tmp_path.resolve()
 
 
-# --- end to end ----------------------------------------------------------------------------------------------
+# --- end to end ---------------------------------------------------------------------------------------------
 def test_run_probe_end_to_end_on_tiny_phantoms(tmp_path: Path) -> None:
     from evidrift.report.probe_section import probe_report_section, write_probe_figures
 
-    config = parse_config({
-        "data": {"phantom": {"n": 30, "size": 64, "n_source": 20}, "split": {"val": 0.2, "test": 0.4},
-                 "augment": False},
-        "models": [{"arch": "test_resnet", "image_size": 64, "name": "tiny<b>"}],
-        "train": {"stage0": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}},
-        "probe": {"epochs": 2, "batch_size": 8, "hidden": 8, "methods": ["gradcam", "layercam"], "grids": [2, 3],
-                  "n_grids": 2, "confidence": 0.0},
-        "stats": {"n_boot": 100},
-        "output": {"dir": str(tmp_path)},
-    })  # fmt: skip
+    config = parse_config(
+        {
+            "data": {
+                "phantom": {"n": 30, "size": 64, "n_source": 20},
+                "split": {"val": 0.2, "test": 0.4},
+                "augment": False,
+            },
+            "models": [{"arch": "test_resnet", "image_size": 64, "name": "tiny<b>"}],
+            "train": {"stage0": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}},
+            "probe": {
+                "epochs": 2,
+                "batch_size": 8,
+                "hidden": 8,
+                "methods": ["gradcam", "layercam"],
+                "grids": [2, 3],
+                "n_grids": 2,
+                "confidence": 0.0,
+            },
+            "stats": {"n_boot": 100},
+            "output": {"dir": str(tmp_path)},
+        }
+    )
     summary, pairs = run_probe(config, RunPaths.at(tmp_path), progress=False)
     table = pd.read_parquet(tmp_path / PROBE_FILES["table"])
     variants = set(table["variant"])

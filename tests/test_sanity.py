@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import evidrift  # noqa: F401  (before timm)
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import evidrift  # noqa: F401  (before timm)
 from evidrift import models
 from evidrift.config import HeadConfig
 from evidrift.sanity import (
@@ -97,8 +97,19 @@ def test_randomization_curves_start_at_one_and_fall(
     model, images, targets = tiny
     original = copy.deepcopy(model.state_dict())
     blocks = randomization_blocks(model)[:3]  # fc, layer4, layer3: enough to see the curves fall
-    curves = randomization_curves(model, "layer4", images, targets, METHODS, sanity_modes("both"), seed=0,
-                                  hog_cell=16, batch_size=4, progress=False, blocks=blocks)  # fmt: skip
+    curves = randomization_curves(
+        model,
+        "layer4",
+        images,
+        targets,
+        METHODS,
+        sanity_modes("both"),
+        seed=0,
+        hog_cell=16,
+        batch_size=4,
+        progress=False,
+        blocks=blocks,
+    )
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # model untouched
     assert sorted(curves["mode"].unique()) == ["cascading", "independent"]
     assert curves.groupby("mode")["step"].nunique().tolist() == [len(blocks) + 1] * 2
@@ -119,8 +130,14 @@ def test_self_test_identical_checkpoints_give_zero_drift(
     tiny: tuple[nn.Module, torch.Tensor, torch.Tensor], tmp_path: Path
 ) -> None:
     model, images, targets = tiny
-    meta = {"arch": "test_resnet", "head": HeadConfig().model_dump(), "classes": ["a", "b", "c"], "stage": 1,
-            "image_size": 64, "cam_layers": ["layer4"]}  # fmt: skip
+    meta = {
+        "arch": "test_resnet",
+        "head": HeadConfig().model_dump(),
+        "classes": ["a", "b", "c"],
+        "stage": 1,
+        "image_size": 64,
+        "cam_layers": ["layer4"],
+    }
     checkpoint = models.save_checkpoint(tmp_path / "stage1.safetensors", model, meta)
     records = self_test(checkpoint, images, targets, METHODS, tmp_path, seed=0, batch_size=4)
     assert {r["method"] for r in records} == set(METHODS)

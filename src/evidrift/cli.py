@@ -204,7 +204,6 @@ def explain(
         )
 
 
-
 # --- drift (metrics, stats) ----------------------------------------------------------------------------------
 @app.command()
 def drift(
@@ -473,7 +472,7 @@ def _ci_text(mean: float, low: float, high: float) -> str:
 def probe(
     study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="phantom data, resnet18 at 128 px, a few minutes on 2 CPU cores")
+        bool, typer.Option("--quick", help="phantom data, resnet18 at 96 px, a few minutes on 2 CPU cores")
     ] = False,
     out: Annotated[
         Path | None,
@@ -516,8 +515,8 @@ def probe(
         table.add_column(column)
     for _, row in best.iterrows():
         runner = f"{row['runner_up']} {row['runner_up_mean']:.3f}" if row["runner_up"] else "-"
-        table.add_row(str(row["arch"]), str(row["method"]), str(row["metric"]), str(row["variant"]),
-                      _ci_text(row["mean"], row["ci_low"], row["ci_high"]), runner)  # fmt: skip
+        cells = [str(row[c]) for c in ("arch", "method", "metric", "variant")]
+        table.add_row(*cells, _ci_text(row["mean"], row["ci_low"], row["ci_high"]), runner)
     console.print(table)
     significant = int(pairs["significant"].sum()) if len(pairs) else 0
     console.print(f"paired Wilcoxon tests between variants (Holm): {significant} of {len(pairs)} significant")
@@ -531,7 +530,7 @@ def probe(
 def sanity(
     study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="phantom data, resnet18 at 128 px, a few minutes on 2 CPU cores")
+        bool, typer.Option("--quick", help="phantom data, resnet18 at 96 px, a few minutes on 2 CPU cores")
     ] = False,
     out: Annotated[
         Path | None,
@@ -566,13 +565,15 @@ def sanity(
     for column in ("arch", "mode", "method", "metric", "last block", "similarity"):
         table.add_column(column)
     for _, row in last.iterrows():
-        table.add_row(str(row["arch"]), str(row["mode"]), str(row["method"]), str(row["metric"]),
-                      str(row["block"]), _ci_text(row["mean"], row["ci_low"], row["ci_high"]))  # fmt: skip
+        cells = [str(row[c]) for c in ("arch", "mode", "method", "metric", "block")]
+        table.add_row(*cells, _ci_text(row["mean"], row["ci_low"], row["ci_high"]))
     console.print(table)
     failed = [c for c in checks if not c["passed"]]
     for check in failed:
-        err_console.print(f"self-test FAILED: {check['arch']} {check['method']} {check['check']}: {check['metric']} = "
-                          f"{check['value']:.4g}, expected {check['expected']}", highlight=False)  # fmt: skip
+        where = f"{check['arch']} {check['method']} {check['check']}: {check['metric']}"
+        err_console.print(
+            f"self-test FAILED: {where} = {check['value']:.4g}, expected {check['expected']}", highlight=False
+        )
     console.print(f"self-test: {len(checks) - len(failed)} of {len(checks)} checks passed", highlight=False)
     console.print(f"figures: {', '.join(str(f) for f in figures)}", highlight=False)
     if failed:

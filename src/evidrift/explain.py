@@ -46,7 +46,9 @@ class ExplainSummary:
     skipped: int
 
 
-def select_samples(test: pd.DataFrame, table: pd.DataFrame | None, samples: str, max_images: int | None) -> pd.DataFrame:
+def select_samples(
+    test: pd.DataFrame, table: pd.DataFrame | None, samples: str, max_images: int | None
+) -> pd.DataFrame:
     """Rows of the ``test`` manifest frame to explain, in manifest order.
 
     ``all``: every row. ``tp_both`` / ``tp_any``: rows whose id the evaluation ``table`` (columns id, label,
@@ -57,7 +59,9 @@ def select_samples(test: pd.DataFrame, table: pd.DataFrame | None, samples: str,
         chosen = test
     elif samples in ("tp_both", "tp_any"):
         if table is None:
-            raise ValueError(f"explain.samples={samples!r} needs the evaluation table; run the evaluate step first")
+            raise ValueError(
+                f"explain.samples={samples!r} needs the evaluation table; run the evaluate step first"
+            )
         ok1 = table["pred_stage1"].astype(int) == table["label"].astype(int)
         ok2 = table["pred_stage2"].astype(int) == table["label"].astype(int)
         keep = ok1 & ok2 if samples == "tp_both" else ok1 | ok2
@@ -85,7 +89,9 @@ def store_names(methods: Sequence[str], layers: Sequence[str]) -> dict[Any, str]
     return names
 
 
-def _shard_complete(paths: RunPaths, arch: str, stage: int, names: Sequence[str], shard: int, ids: list[str], tag: str) -> bool:
+def _shard_complete(
+    paths: RunPaths, arch: str, stage: int, names: Sequence[str], shard: int, ids: list[str], tag: str
+) -> bool:
     for name in names:
         file = paths.maps_shard(arch, stage, name, shard)
         if not file.is_file():
@@ -132,7 +138,9 @@ def explain_run(
     stage = int(stage)
     model_cfg = next((m for m in config.models if m.key == arch), None)
     if model_cfg is None:
-        raise ValueError(f"arch {arch!r} is not a model of the study; the models are {[m.key for m in config.models]}")
+        raise ValueError(
+            f"arch {arch!r} is not a model of the study; the models are {[m.key for m in config.models]}"
+        )
     cfg = config.explain
     methods = [resolve_method(m) for m in cfg.methods]
     ctx = ctx or distributed.setup(config.train.device)
@@ -163,7 +171,12 @@ def explain_run(
     if ctx.is_main:
         _remove_extra_shards(paths, arch, stage, list(names.values()), n_shards)
     if not ids:
-        logger.warning("%s stage %d: no test image matches explain.samples=%s; nothing to explain", arch, stage, cfg.samples)
+        logger.warning(
+            "%s stage %d: no test image matches explain.samples=%s; nothing to explain",
+            arch,
+            stage,
+            cfg.samples,
+        )
         return ExplainSummary(arch, stage, 0, 0, 0, 0)
 
     mine = list(range(ctx.rank, n_shards, ctx.world_size))
@@ -174,7 +187,9 @@ def explain_run(
             todo.append(shard)
     n_mine = sum(len(ids[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in mine)
     n_todo = sum(len(ids[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in todo)
-    dataset = ManifestDataset(chosen, classes, size, resize=config.data.resize, mean=meta["mean"], std=meta["std"])
+    dataset = ManifestDataset(
+        chosen, classes, size, resize=config.data.resize, mean=meta["mean"], std=meta["std"]
+    )
     bar = tqdm(
         total=n_mine,
         initial=n_mine - n_todo,
@@ -194,7 +209,9 @@ def explain_run(
         for shard in todo:
             start = shard * cfg.shard_size
             subset = torch.utils.data.Subset(dataset, range(start, min(start + cfg.shard_size, len(ids))))
-            loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=config.train.num_workers)
+            loader = DataLoader(
+                subset, batch_size=cfg.batch_size, shuffle=False, num_workers=config.train.num_workers
+            )
             parts: dict[Any, list[torch.Tensor]] = {key: [] for key in names}
             flags: dict[Any, list[torch.Tensor]] = {key: [] for key in names}
             shard_ids: list[str] = []
@@ -212,7 +229,13 @@ def explain_run(
             explained = json.dumps(torch.cat(targets).tolist())
             for key, name in names.items():
                 layer = "+".join(layers) if isinstance(key, str) else key[0]
-                extra = {**base, "targets": explained, "degenerate": json.dumps(torch.cat(flags[key]).tolist())}
-                write_maps_shard(paths, arch, stage, name, shard, torch.cat(parts[key]), shard_ids, layer, extra)
+                extra = {
+                    **base,
+                    "targets": explained,
+                    "degenerate": json.dumps(torch.cat(flags[key]).tolist()),
+                }
+                write_maps_shard(
+                    paths, arch, stage, name, shard, torch.cat(parts[key]), shard_ids, layer, extra
+                )
     bar.close()
     return ExplainSummary(arch, stage, len(ids), n_shards, len(todo), len(mine) - len(todo))

@@ -299,7 +299,12 @@ def cam_layer_is_backbone_output(model: nn.Module, layer: str, x: torch.Tensor) 
 
 @torch.no_grad()
 def cache_split(
-    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, activations: bool, desc: str,
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    activations: bool,
+    desc: str,
     progress: bool = True,
 ) -> CachedSplit:
     """Run the frozen backbone once over ``dataset`` (items: ``image``, ``label``, ``id``, optional ``mask``).
@@ -333,8 +338,14 @@ def head_stage_config(probe: ProbeConfig) -> StageConfig:
     """The optimisation budget every variant gets: ``probe.epochs`` epochs of AdamW at ``probe.lr`` (one
     warm-up epoch, cosine), no early stopping (equal budgets), best epoch by validation loss."""
     return StageConfig(
-        epochs=probe.epochs, lr=probe.lr, weight_decay=probe.weight_decay, batch_size=probe.batch_size,
-        warmup_epochs=1.0, patience=None, monitor="val_loss", cache_features=True,
+        epochs=probe.epochs,
+        lr=probe.lr,
+        weight_decay=probe.weight_decay,
+        batch_size=probe.batch_size,
+        warmup_epochs=1.0,
+        patience=None,
+        monitor="val_loss",
+        cache_features=True,
     )
 
 
@@ -357,8 +368,10 @@ def train_probe_head(
     ``metrics.jsonl``, and while training ``head.last.pt`` / ``head.best.safetensors``.
     """
     files = StageFiles(
-        final=work_dir / "head.safetensors", last=work_dir / "head.last.pt",
-        best=work_dir / "head.best.safetensors", metrics=work_dir / "metrics.jsonl",
+        final=work_dir / "head.safetensors",
+        last=work_dir / "head.last.pt",
+        best=work_dir / "head.best.safetensors",
+        metrics=work_dir / "metrics.jsonl",
     )
     torch.manual_seed(probe.seed)
     head = models.build_head(train.pooled.shape[1], num_classes, variant.head_config(probe.hidden)).to(
@@ -367,14 +380,26 @@ def train_probe_head(
     if files.final.is_file():
         with safe_open(str(files.final), framework="pt") as handle:
             if (handle.metadata() or {}).get("tag") == tag:
-                head.load_state_dict({k: handle.get_tensor(k) for k in handle.keys()}, strict=True)  # noqa: SIM118
+                head.load_state_dict({k: handle.get_tensor(k) for k in handle.keys()}, strict=True)
                 return head.eval()
     val_feed = (
         TensorFeed(val.pooled, val.labels) if len(val.labels) else TensorFeed(train.pooled, train.labels)
     )
     fit(
-        head, head, head, head, TensorFeed(train.pooled, train.labels), val_feed, head_stage_config(probe),
-        variant.loss, ctx, files, tag, probe.seed, label, progress,
+        head,
+        head,
+        head,
+        head,
+        TensorFeed(train.pooled, train.labels),
+        val_feed,
+        head_stage_config(probe),
+        variant.loss,
+        ctx,
+        files,
+        tag,
+        probe.seed,
+        label,
+        progress,
     )
     head.load_state_dict(load_file(str(files.best)), strict=True)
     save_safetensors_atomic(files.final, head.state_dict(), {"tag": tag, "variant": variant.name})
@@ -431,7 +456,8 @@ def score_variant(
 
     Test images (target = label): ``entropy`` and ``gini`` of every map, ``pointing_game`` and
     ``energy_pointing_game`` where the lesion mask is not empty. Grids: ``gridpg@n`` per (grid, image) on
-    maps smoothed by ``smoothing``. Rows: method, unit (``image`` | ``grid{n}``), unit_id, target, metric, value.
+    maps smoothed by ``smoothing``. Rows: method, unit (``image`` | ``grid{n}``), unit_id, target, metric,
+    value.
     """
     rows: list[dict[str, object]] = []
     assert test.ids is not None
@@ -454,8 +480,16 @@ def score_variant(
                 for i, value in enumerate(values.tolist()):
                     if metric in ("pointing_game", "energy_pointing_game") and not lesion[i]:
                         continue
-                    rows.append(dict(method=method, unit="image", unit_id=ids[i], target=classes[labels[i]],
-                                     metric=metric, value=float(value)))
+                    rows.append(
+                        dict(
+                            method=method,
+                            unit="image",
+                            unit_id=ids[i],
+                            target=classes[labels[i]],
+                            metric=metric,
+                            value=float(value),
+                        )
+                    )
     for grid in grids:
         owner = torch.tensor([g for g, spec in enumerate(grid.specs) for _ in spec.images], dtype=torch.long)
         targets = torch.tensor([c for spec in grid.specs for c in spec.classes], dtype=torch.long)
@@ -467,8 +501,16 @@ def score_variant(
                 values = localization.gridpg(smooth_maps(m, smoothing), cells[part], grid.n)
                 for j, value in zip(range(part.start, part.stop), values.tolist(), strict=True):
                     spec = grid.specs[int(owner[j])]
-                    rows.append(dict(method=method, unit=f"grid{grid.n}", unit_id=f"{spec.grid_id}/{int(cells[j])}",
-                                     target=classes[int(targets[j])], metric=f"gridpg@{grid.n}", value=float(value)))
+                    rows.append(
+                        dict(
+                            method=method,
+                            unit=f"grid{grid.n}",
+                            unit_id=f"{spec.grid_id}/{int(cells[j])}",
+                            target=classes[int(targets[j])],
+                            metric=f"gridpg@{grid.n}",
+                            value=float(value),
+                        )
+                    )
     return rows
 
 
@@ -528,8 +570,17 @@ def probe_model(
         layer = models.resolve_cam_layers(model, model_cfg.arch, model_cfg.cam_layers)[0]
 
         def dataset(part: pd.DataFrame, with_mask: bool = False) -> ManifestDataset:
-            return ManifestDataset(part, classes, size, resize=config.data.resize, mean=mean, std=std,
-                                   augment=False, with_mask=with_mask, seed=probe.seed)
+            return ManifestDataset(
+                part,
+                classes,
+                size,
+                resize=config.data.resize,
+                mean=mean,
+                std=std,
+                augment=False,
+                with_mask=with_mask,
+                seed=probe.seed,
+            )
 
         test_frame = _split(frame, "test")
         if probe.max_images is not None and len(test_frame) > probe.max_images:
@@ -552,32 +603,62 @@ def probe_model(
         heads: dict[str, nn.Module] = {}
         logits: dict[str, torch.Tensor] = {}
         for variant in variants:
-            tag = config_hash({"backbone": identity, "data": config.data.model_dump(mode="json"), "size": size,
-                               "seed": config.seed, "variant": variant.name, "training": training})
+            tag = config_hash(
+                {
+                    "backbone": identity,
+                    "data": config.data.model_dump(mode="json"),
+                    "size": size,
+                    "seed": config.seed,
+                    "variant": variant.name,
+                    "training": training,
+                }
+            )
             head = train_probe_head(
-                variant, train, val, len(classes), probe, paths.root / PROBE_FILES["work"] / key / variant.name,
-                tag, ctx, f"{key} probe {variant.name}", progress,
+                variant,
+                train,
+                val,
+                len(classes),
+                probe,
+                paths.root / PROBE_FILES["work"] / key / variant.name,
+                tag,
+                ctx,
+                f"{key} probe {variant.name}",
+                progress,
             )
             heads[variant.name] = head
             with torch.no_grad():
                 logits[variant.name] = head(test.pooled.to(device)).float().cpu()
 
-        eligible = confident_correct([logits[v.name] for v in variants], [v.loss for v in variants], test.labels,
-                                     probe.confidence)
+        eligible = confident_correct(
+            [logits[v.name] for v in variants], [v.loss for v in variants], test.labels, probe.confidence
+        )
         grid_sets = []
         for n in probe.grids:
             specs = sample_grids(test.labels, eligible, n, probe.n_grids, probe.seed)
             if not specs:
-                logger.warning("%s: no %dx%d grid (fewer than two classes have an image every variant classifies "
-                               "correctly with probability >= %.2f)", key, n, n, probe.confidence)
+                logger.warning(
+                    "%s: no %dx%d grid (fewer than two classes have an image every variant classifies "
+                    "correctly with probability >= %.2f)",
+                    key,
+                    n,
+                    n,
+                    probe.confidence,
+                )
                 continue
-            images = torch.stack([
-                tile_grid(torch.stack([test_set[i]["image"] for i in spec.images]), spec.cells, n) for spec in specs
-            ])
+            images = torch.stack(
+                [
+                    tile_grid(torch.stack([test_set[i]["image"] for i in spec.images]), spec.cells, n)
+                    for spec in specs
+                ]
+            )
             if fast:
                 with torch.no_grad():
-                    images = torch.cat([model.forward_features(images[i : i + batch].to(device)).float().cpu()
-                                        for i in range(0, len(images), batch)])
+                    images = torch.cat(
+                        [
+                            model.forward_features(images[i : i + batch].to(device)).float().cpu()
+                            for i in range(0, len(images), batch)
+                        ]
+                    )
             grid_sets.append(GridSet(n, images, specs))
 
         if fast:
@@ -595,12 +676,27 @@ def probe_model(
             model.eval()
             correct = (logits[variant.name].argmax(1) == test.labels).float().tolist()
             variant_rows = [
-                dict(method="-", unit="image", unit_id=test.ids[i], target=classes[int(test.labels[i])],
-                     metric="correct", value=c)
+                dict(
+                    method="-",
+                    unit="image",
+                    unit_id=test.ids[i],
+                    target=classes[int(test.labels[i])],
+                    metric="correct",
+                    value=c,
+                )
                 for i, c in enumerate(correct)
             ]
             variant_rows += score_variant(
-                net, cam_layer, test_inputs, test, grid_sets, probe.methods, classes, size, probe.smoothing, batch,
+                net,
+                cam_layer,
+                test_inputs,
+                test,
+                grid_sets,
+                probe.methods,
+                classes,
+                size,
+                probe.smoothing,
+                batch,
                 device,
             )
             for row in variant_rows:
@@ -644,14 +740,18 @@ def summarize_values(
         values = part["value"].to_numpy(dtype=np.float64)
         finite = values[np.isfinite(values)]
         low, high = stats.bootstrap_ci(finite, n_boot, ci, seed)
-        rows.append({
-            **dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True)),
-            "n": int(finite.size), "n_nan": int(values.size - finite.size),
-            "mean": float(finite.mean()) if finite.size else np.nan,
-            "median": float(np.median(finite)) if finite.size else np.nan,
-            "std": float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
-            "ci_low": low, "ci_high": high,
-        })
+        rows.append(
+            {
+                **dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True)),
+                "n": int(finite.size),
+                "n_nan": int(values.size - finite.size),
+                "mean": float(finite.mean()) if finite.size else np.nan,
+                "median": float(np.median(finite)) if finite.size else np.nan,
+                "std": float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -667,11 +767,18 @@ def paired_variant_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFra
         family = []
         for a, b in itertools.combinations(variants, 2):
             pair = wide[[a, b]].dropna()
-            family.append({
-                "arch": arch, "method": method, "metric": metric, "variant_a": a, "variant_b": b,
-                "n": len(pair), "mean_diff": float((pair[a] - pair[b]).mean()) if len(pair) else np.nan,
-                "p": stats.wilcoxon_p(pair[a].to_numpy(), pair[b].to_numpy()),
-            })
+            family.append(
+                {
+                    "arch": arch,
+                    "method": method,
+                    "metric": metric,
+                    "variant_a": a,
+                    "variant_b": b,
+                    "n": len(pair),
+                    "mean_diff": float((pair[a] - pair[b]).mean()) if len(pair) else np.nan,
+                    "p": stats.wilcoxon_p(pair[a].to_numpy(), pair[b].to_numpy()),
+                }
+            )
         for row, p_holm in zip(family, stats.holm([r["p"] for r in family]), strict=True):
             row["p_holm"] = float(p_holm)
             row["significant"] = bool(p_holm < alpha)
@@ -694,12 +801,18 @@ def paired_variant_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFra
 def summarize_probe(table: pd.DataFrame, config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary per arch × variant × method × metric, paired tests between variants) of ``probe.parquet``."""
     summary = summarize_values(
-        table, ["arch", "variant", "loss", "head", "method", "metric"], config.stats.n_boot, config.stats.ci,
+        table,
+        ["arch", "variant", "loss", "head", "method", "metric"],
+        config.stats.n_boot,
+        config.stats.ci,
         config.stats.seed,
     )
     order = {m: i for i, m in enumerate(metric_order(summary["metric"].tolist()))}
-    summary = summary.sort_values(["arch", "method", "metric", "variant"], key=lambda s: s.map(order) if s.name == "metric" else s,
-                                  kind="stable").reset_index(drop=True)
+    summary = summary.sort_values(
+        ["arch", "method", "metric", "variant"],
+        key=lambda s: s.map(order) if s.name == "metric" else s,
+        kind="stable",
+    ).reset_index(drop=True)
     return summary, paired_variant_tests(table, config.stats.alpha)
 
 
@@ -714,12 +827,19 @@ def best_variants(summary: pd.DataFrame) -> pd.DataFrame:
             continue
         top = ranked.iloc[0]
         second = ranked.iloc[1] if len(ranked) > 1 else None
-        rows.append({
-            "arch": arch, "method": method, "metric": metric, "variant": top["variant"], "mean": top["mean"],
-            "ci_low": top["ci_low"], "ci_high": top["ci_high"],
-            "runner_up": None if second is None else second["variant"],
-            "runner_up_mean": np.nan if second is None else second["mean"],
-        })
+        rows.append(
+            {
+                "arch": arch,
+                "method": method,
+                "metric": metric,
+                "variant": top["variant"],
+                "mean": top["mean"],
+                "ci_low": top["ci_low"],
+                "ci_high": top["ci_high"],
+                "runner_up": None if second is None else second["variant"],
+                "runner_up_mean": np.nan if second is None else second["mean"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -729,12 +849,20 @@ def quick_config(out: str | os.PathLike[str]) -> StudyConfig:
     trained 30 epochs on cached features, 20 grids of each size, 8 images for the sanity checks."""
     return parse_config(
         {
-            "data": {"source": "phantom", "phantom": {"n": 250, "size": 96, "n_source": 400},
-                     "split": {"val": 0.15, "test": 0.3}},
+            "data": {
+                "source": "phantom",
+                "phantom": {"n": 250, "size": 96, "n_source": 400},
+                "split": {"val": 0.15, "test": 0.3},
+            },
             "models": [{"arch": "resnet18", "image_size": 96}],
             "train": {
-                "stage0": {"epochs": 10, "lr": 0.003, "batch_size": 16, "monitor": "val_accuracy",
-                           "warmup_epochs": 0.5},
+                "stage0": {
+                    "epochs": 10,
+                    "lr": 0.003,
+                    "batch_size": 16,
+                    "monitor": "val_accuracy",
+                    "warmup_epochs": 0.5,
+                },
                 "stage1": {"epochs": 10, "lr": 0.003, "batch_size": 32, "cache_features": True},
                 "stage2": {"epochs": 2, "lr": 0.0003, "batch_size": 16},
             },

@@ -55,7 +55,7 @@ SIMILARITY_METRICS: tuple[str, ...] = (
 Mode = Literal["cascading", "independent"]
 
 
-# --- blocks and re-initialization
+# --- blocks and re-initialization ---------------------------------------------------------------------------
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -65,7 +65,8 @@ def randomization_blocks(model: nn.Module) -> list[str]:
 
     Top-level children in reverse definition order; a child named in ``SPLIT_CONTAINERS`` (densenet
     ``features``, resnetv2/convnext ``stages``, ViT ``blocks``) contributes its own children instead.
-    Parameters registered on the root itself (ViT ``cls_token``, ``pos_embed``) form the last block ``<root>``.
+    Parameters registered on the root itself (ViT ``cls_token``, ``pos_embed``) form the last block
+    ``<root>``.
     """
     blocks: list[str] = []
     for name, child in model.named_children():
@@ -115,7 +116,7 @@ def randomize_blocks_(model: nn.Module, blocks: Sequence[str], seed: int) -> nn.
     return model
 
 
-# --- similarity of maps
+# --- similarity of maps -------------------------------------------------------------------------------------
 def hog_features(maps: torch.Tensor, cell: int = 16) -> torch.Tensor:
     """HOG descriptors of min-max-normalized maps: [N, H, W] → [N, L] float32.
 
@@ -175,7 +176,7 @@ def map_similarity(
     }
 
 
-# --- maps of a model
+# --- maps of a model ----------------------------------------------------------------------------------------
 class NegatedScore(nn.Module):
     """``model`` with its logits negated: explaining it gives each method's map of the evidence *against*
     the target class (the gradient is −G). Its layers are ``model.<name>``."""
@@ -232,7 +233,7 @@ def explain_model(
     return ModelMaps(positive, {m: positive[m] - negative[m] for m in methods})
 
 
-# --- randomization curves
+# --- randomization curves -----------------------------------------------------------------------------------
 def randomization_curves(
     model: nn.Module,
     layer: str,
@@ -268,8 +269,13 @@ def randomization_curves(
     def record(mode: str, step: int, block: str, net: nn.Module) -> None:
         maps = explain_model(net, layer, images, targets, methods, batch_size)
         for method in methods:
-            sims = map_similarity(reference.positive[method], maps.positive[method], reference.signed[method],
-                                  maps.signed[method], hog_cell)  # fmt: skip
+            sims = map_similarity(
+                reference.positive[method],
+                maps.positive[method],
+                reference.signed[method],
+                maps.signed[method],
+                hog_cell,
+            )
             frame = pd.DataFrame({k: v.numpy() for k, v in sims.items()})
             frame.insert(0, "image", ids)
             frame.insert(0, "method", method)
@@ -293,7 +299,7 @@ def randomization_curves(
     return pd.concat(frames, ignore_index=True)
 
 
-# --- self-test of the drift metrics
+# --- self-test of the drift metrics -------------------------------------------------------------------------
 #: (check, metric, expectation, predicate on the mean) of the self-test.
 SELF_TEST_CHECKS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
     ("identical checkpoints", "topk_iou@0.2", "= 1", lambda v: abs(v - 1.0) <= 1e-6),
@@ -335,9 +341,13 @@ def self_test(
     names = sorted({metric for _, metric, _, _ in SELF_TEST_CHECKS})
     maps = {
         "a": explain_model(model_a, layer[0], images, targets, methods, batch_size, signed=False).positive,
-        "identical checkpoints": explain_model(model_b, layer[0], images, targets, methods, batch_size, signed=False).positive,
-        "randomized model": explain_model(randomized, layer[0], images, targets, methods, batch_size, signed=False).positive,
-    }  # fmt: skip
+        "identical checkpoints": explain_model(
+            model_b, layer[0], images, targets, methods, batch_size, signed=False
+        ).positive,
+        "randomized model": explain_model(
+            randomized, layer[0], images, targets, methods, batch_size, signed=False
+        ).positive,
+    }
     for leftover in (copy_path, models.sidecar_path(copy_path)):
         leftover.unlink(missing_ok=True)
     records: list[dict[str, object]] = []
@@ -351,12 +361,20 @@ def self_test(
                 if tables[check][metric].notna().any()
                 else math.nan
             )
-            records.append(dict(check=check, method=method, metric=metric, value=value, expected=expected,
-                                passed=bool(math.isfinite(value) and predicate(value))))  # fmt: skip
+            records.append(
+                dict(
+                    check=check,
+                    method=method,
+                    metric=metric,
+                    value=value,
+                    expected=expected,
+                    passed=bool(math.isfinite(value) and predicate(value)),
+                )
+            )
     return records
 
 
-# --- the study
+# --- the study ----------------------------------------------------------------------------------------------
 #: Files of the sanity checks in the run directory.
 SANITY_FILES: dict[str, str] = {
     "table": "sanity.parquet",
@@ -400,8 +418,14 @@ def sample_test_images(
     if test.empty:
         raise ValueError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
     test = test.sample(n=min(n_images, len(test)), random_state=seed).reset_index(drop=True)
-    dataset = ManifestDataset(test, classes, int(meta["image_size"]), resize=config.data.resize,  # type: ignore[arg-type]
-                              mean=meta["mean"], std=meta["std"])  # type: ignore[arg-type]  # fmt: skip
+    dataset = ManifestDataset(
+        test,
+        classes,
+        int(meta["image_size"]),
+        resize=config.data.resize,  # type: ignore[arg-type]
+        mean=meta["mean"],
+        std=meta["std"],
+    )  # type: ignore[arg-type]
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([it["image"] for it in items])
     labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
@@ -432,8 +456,19 @@ def run_sanity(
         layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model, model_cfg.arch)
         images, labels, ids = sample_test_images(config, paths, meta, cfg.n_images, cfg.seed)
         with torch.random.fork_rng(devices=[]):
-            frame = randomization_curves(model, layer[0], images, labels, cfg.methods, sanity_modes(cfg.mode),
-                                         cfg.seed, cfg.hog_cell, config.explain.batch_size, ids, progress)  # fmt: skip
+            frame = randomization_curves(
+                model,
+                layer[0],
+                images,
+                labels,
+                cfg.methods,
+                sanity_modes(cfg.mode),
+                cfg.seed,
+                cfg.hog_cell,
+                config.explain.batch_size,
+                ids,
+                progress,
+            )
         frame.insert(0, "arch", model_cfg.key)
         frame.insert(1, "checkpoint", checkpoint.name)
         curves.append(frame)
@@ -447,6 +482,7 @@ def run_sanity(
     write_parquet_atomic(paths.root / SANITY_FILES["table"], table)
     summary = summarize_curves(table, config.stats.n_boot, config.stats.ci, config.stats.seed)
     write_csv_atomic(paths.root / SANITY_FILES["summary"], summary)
-    write_json_atomic(paths.root / SANITY_FILES["selftest"],
-                      {"passed": all(c["passed"] for c in checks), "checks": checks})  # fmt: skip
+    write_json_atomic(
+        paths.root / SANITY_FILES["selftest"], {"passed": all(c["passed"] for c in checks), "checks": checks}
+    )
     return summary, checks

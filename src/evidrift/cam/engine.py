@@ -73,7 +73,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str) -> dict[str, n
     """
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
-        raise ValueError("CAMEngine needs at least one target layer (a dotted module name such as 'features.norm5')")
+        raise ValueError(
+            "CAMEngine needs at least one target layer (a dotted module name such as 'features.norm5')"
+        )
     modules = dict(model.named_modules())
     resolved: dict[str, nn.Module] = {}
     for name in names:
@@ -97,7 +99,9 @@ def _plausible_stride(h: int, w: int, H: int, W: int) -> bool:
     return abs(sh - sw) <= 0.25 * max(sh, sw) + 1e-9
 
 
-def channels_first(t: torch.Tensor, input_hw: tuple[int, int], layout: Layout, prefer_nhwc: bool = False) -> torch.Tensor:
+def channels_first(
+    t: torch.Tensor, input_hw: tuple[int, int], layout: Layout, prefer_nhwc: bool = False
+) -> torch.Tensor:
     """A 4-D feature map as [B, K, h, w]. ``auto``: NHWC when only that reading has a plausible stride for the
     input size ``input_hw`` (or both do and ``prefer_nhwc``, e.g. a timm model with ``output_fmt='NHWC'``)."""
     if layout == "NCHW":
@@ -112,7 +116,9 @@ def channels_first(t: torch.Tensor, input_hw: tuple[int, int], layout: Layout, p
     return t
 
 
-def token_grid(n_tokens: int, input_hw: tuple[int, int], num_prefix: int | None, patch: tuple[int, int] | None) -> tuple[int, int, int]:
+def token_grid(
+    n_tokens: int, input_hw: tuple[int, int], num_prefix: int | None, patch: tuple[int, int] | None
+) -> tuple[int, int, int]:
     """(prefix, h, w) for a token sequence of length ``n_tokens``: prefix class/register tokens dropped, the
     rest an h × w patch grid (from the input size and patch size when known, else square).
 
@@ -163,7 +169,9 @@ class CAMEngine:
         self.modules = resolve_layers(model, layers)
         self.layers = list(self.modules)
         self.layout: Layout = layout
-        prefix = num_prefix_tokens if num_prefix_tokens is not None else getattr(model, "num_prefix_tokens", None)
+        prefix = (
+            num_prefix_tokens if num_prefix_tokens is not None else getattr(model, "num_prefix_tokens", None)
+        )
         self.num_prefix_tokens = None if prefix is None else int(prefix)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         self.patch_size = tuple(int(p) for p in patch) if patch is not None else None
@@ -178,7 +186,7 @@ class CAMEngine:
         self._capturing = False
         self._need_graph = False
 
-    # --- hooks -----------------------------------------------------------------------------------------------
+    # --- hooks ---------------------------------------------------------------------------------------------
     def __enter__(self) -> CAMEngine:
         self.attach()
         return self
@@ -205,11 +213,13 @@ class CAMEngine:
                 return None
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
-                    f"target layer {name!r} returns {type(output).__name__}, not a tensor; pick a module whose "
-                    "output is the feature map"
+                    f"target layer {name!r} returns {type(output).__name__}, not a tensor; pick a module "
+                    "whose output is the feature map"
                 )
             if name in self._acts:
-                raise ValueError(f"target layer {name!r} ran twice in one forward pass; pick a module that runs once")
+                raise ValueError(
+                    f"target layer {name!r} ran twice in one forward pass; pick a module that runs once"
+                )
             if self._need_graph:
                 torch.set_grad_enabled(True)  # record only from here on (restored when the forward returns)
                 captured = output if output.requires_grad else output.detach().requires_grad_(True)
@@ -220,7 +230,7 @@ class CAMEngine:
 
         return hook
 
-    # --- the call --------------------------------------------------------------------------------------------
+    # --- the call ------------------------------------------------------------------------------------------
     def __call__(
         self,
         x: torch.Tensor,
@@ -229,9 +239,10 @@ class CAMEngine:
         score: Literal["logit", "softmax"] = "logit",
         labels: torch.Tensor | Sequence[int] | None = None,
     ) -> CAMResult:
-        """Explain a batch ``x`` [B, C, H, W] for ``targets``: ``"label"`` (needs ``labels``), ``"prediction"``,
-        an int, class indices [B], or several per image [B, T] / a list of equal-length lists (then every map
-        is [B, T, ...]). ``score``: the target ``logit`` or its ``softmax`` probability. See ``CAMResult``."""
+        """Explain a batch ``x`` [B, C, H, W] for ``targets``: ``"label"`` (needs ``labels``),
+        ``"prediction"``, an int, class indices [B], or several per image [B, T] / a list of equal-length
+        lists (then every map is [B, T, ...]). ``score``: the target ``logit`` or its ``softmax``
+        probability. See ``CAMResult``."""
         if score not in ("logit", "softmax"):
             raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
         names = [resolve_method(m) for m in ([methods] if isinstance(methods, str) else methods)]
@@ -244,9 +255,7 @@ class CAMEngine:
                 return self._run(x, targets, names, score, labels)
         return self._run(x, targets, names, score, labels)
 
-    def _run(
-        self, x: torch.Tensor, targets: Targets, names: list[str], score: str, labels: Any
-    ) -> CAMResult:
+    def _run(self, x: torch.Tensor, targets: Targets, names: list[str], score: str, labels: Any) -> CAMResult:
         specs = {n: method_spec(n) for n in names}
         layer_grads = any(s.kind == "layer" and s.needs_grad for s in specs.values())
         input_grads = any(s.kind == "input" for s in specs.values())
@@ -268,9 +277,14 @@ class CAMEngine:
                     self._capturing = False
                 missing = [n for n in self.layers if n not in self._acts]
                 if missing:
-                    raise ValueError(f"target layers {missing} did not run in the forward pass of {type(self.model).__name__}")
+                    raise ValueError(
+                        f"target layers {missing} did not run in the forward pass of "
+                        f"{type(self.model).__name__}"
+                    )
                 if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                    raise ValueError(f"the model must return logits [B, C], got {getattr(logits, 'shape', type(logits))}")
+                    raise ValueError(
+                        f"the model must return logits [B, C], got {getattr(logits, 'shape', type(logits))}"
+                    )
                 idx = resolve_targets(targets, logits.detach(), labels)
                 grads = self._backward(logits, idx, score, x_in if input_grads else None, layer_grads)
                 result = self._assemble(specs, x, x_in, idx, grads, score)
@@ -288,7 +302,12 @@ class CAMEngine:
                 module.training = training
 
     def _backward(
-        self, logits: torch.Tensor, idx: torch.Tensor, score: str, x_in: torch.Tensor | None, layer_grads: bool
+        self,
+        logits: torch.Tensor,
+        idx: torch.Tensor,
+        score: str,
+        x_in: torch.Tensor | None,
+        layer_grads: bool,
     ) -> list[torch.Tensor | None]:
         """One autograd.grad call: G for every layer (when needed) then dx (when x_in is given)."""
         inputs = [self._acts[n] for n in self.layers] if layer_grads else []
@@ -305,11 +324,15 @@ class CAMEngine:
                 T = idx.shape[1]
                 eye = torch.eye(T, dtype=chosen.dtype, device=chosen.device)
                 grad_outputs = eye[:, None, :].expand(T, chosen.shape[0], T)
-                grads = torch.autograd.grad(chosen, inputs, grad_outputs=grad_outputs, allow_unused=True, is_grads_batched=True)
+                grads = torch.autograd.grad(
+                    chosen, inputs, grad_outputs=grad_outputs, allow_unused=True, is_grads_batched=True
+                )
         names = [*(self.layers if layer_grads else []), *(["input"] if x_in is not None else [])]
         for name, g in zip(names, grads, strict=True):
             if g is None:
-                raise ValueError(f"the target score does not depend on {name!r}; pick a layer the output depends on")
+                raise ValueError(
+                    f"the target score does not depend on {name!r}; pick a layer the output depends on"
+                )
         return [g.detach() for g in grads]
 
     def _to_grid(self, t: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
@@ -320,7 +343,10 @@ class CAMEngine:
             prefix, h, w = token_grid(t.shape[1], input_hw, self.num_prefix_tokens, self.patch_size)
             return t[:, prefix:, :].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2).float()
         if t.ndim != 4:
-            raise ValueError(f"target layer activations must be [B, K, h, w], [B, h, w, K] or [B, N, K]; got {tuple(t.shape)}")
+            raise ValueError(
+                "target layer activations must be [B, K, h, w], [B, h, w, K] or [B, N, K]; "
+                f"got {tuple(t.shape)}"
+            )
         return channels_first(t, input_hw, self.layout, self.prefer_nhwc).float()
 
     def _assemble(
@@ -373,30 +399,46 @@ class CAMEngine:
         return {k: v.float() for k, v in out.items()}
 
     def _perturbation(
-        self, name: str, x: torch.Tensor, idx: torch.Tensor, score: str, single: bool, input_hw: tuple[int, int]
+        self,
+        name: str,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        score: str,
+        single: bool,
+        input_hw: tuple[int, int],
     ) -> dict[MapKey, torch.Tensor]:
-        """scorecam per layer (from the captured activations); integrated_gradients / smoothgrad at the input."""
+        """scorecam per layer (from the captured activations); integrated_gradients, smoothgrad at input."""
         T = idx.shape[1]
         results: dict[MapKey, torch.Tensor] = {}
         if name == "scorecam":
             for layer in self.layers:
                 A = self._to_grid(self._acts[layer].detach(), input_hw)
                 cams = [
-                    perturbation.scorecam(self.model, x, A, idx[:, t], score=score, chunk_size=self.chunk_size)
+                    perturbation.scorecam(
+                        self.model, x, A, idx[:, t], score=score, chunk_size=self.chunk_size
+                    )
                     for t in range(T)
                 ]
                 results[name if single else (layer, name)] = cams[0] if T == 1 else torch.stack(cams, dim=1)
             return results
         if name == "integrated_gradients":
             cams = [
-                perturbation.integrated_gradients(self.model, x, idx[:, t], score, self.ig_steps, self.chunk_size)
+                perturbation.integrated_gradients(
+                    self.model, x, idx[:, t], score, self.ig_steps, self.chunk_size
+                )
                 for t in range(T)
             ]
         else:
             cams = [
                 perturbation.smoothgrad(
-                    self.model, x, idx[:, t], score, self.smoothgrad_samples, self.smoothgrad_noise,
-                    self.chunk_size, seed=self.seed,
+                    self.model,
+                    x,
+                    idx[:, t],
+                    score,
+                    self.smoothgrad_samples,
+                    self.smoothgrad_noise,
+                    self.chunk_size,
+                    seed=self.seed,
                 )
                 for t in range(T)
             ]
@@ -405,12 +447,17 @@ class CAMEngine:
 
 
 def fuse(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Multi-layer fusion: maps [..., h_l, w_l] upsampled (bilinear) to the largest, min-max normalized, averaged."""
+    """Multi-layer fusion: maps [..., h_l, w_l] upsampled (bilinear) to the largest, min-max normalized,
+    averaged → [..., h, w] float32 in [0, 1]."""
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    return torch.stack([minmax_normalize(upsample(m, (int(size[0]), int(size[1])))) for m in maps]).mean(dim=0)
+    return torch.stack([minmax_normalize(upsample(m, (int(size[0]), int(size[1])))) for m in maps]).mean(
+        dim=0
+    )
 
 
-def resolve_targets(targets: Targets, logits: torch.Tensor, labels: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
+def resolve_targets(
+    targets: Targets, logits: torch.Tensor, labels: torch.Tensor | Sequence[int] | None
+) -> torch.Tensor:
     """Target class indices as long [B, T] on the logits' device.
 
     ``"label"`` → ``labels``; ``"prediction"`` → argmax of the logits; an int → that class for every image;
@@ -426,14 +473,18 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: torch.Tensor
                 raise ValueError("targets='label' needs the labels: engine(x, 'label', labels=y)")
             idx = torch.as_tensor(labels, dtype=torch.long, device=logits.device).reshape(-1, 1)
         else:
-            raise ValueError(f"targets must be 'label', 'prediction', an int or class indices, got {targets!r}")
+            raise ValueError(
+                f"targets must be 'label', 'prediction', an int or class indices, got {targets!r}"
+            )
     elif isinstance(targets, int):
         idx = torch.full((B, 1), targets, dtype=torch.long, device=logits.device)
     else:
         if not isinstance(targets, torch.Tensor):
             rows = list(targets)
             if rows and not isinstance(rows[0], int | torch.Tensor) and len({len(r) for r in rows}) > 1:  # type: ignore[arg-type]
-                raise ValueError("multi-label targets must have the same number of classes per image (a [B, T] array)")
+                raise ValueError(
+                    "multi-label targets must have the same number of classes per image (a [B, T] array)"
+                )
         idx = torch.as_tensor(targets, dtype=torch.long, device=logits.device)
         if idx.ndim == 1:
             idx = idx[:, None]
@@ -444,5 +495,7 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: torch.Tensor
     if idx.shape[0] != B:
         raise ValueError(f"{idx.shape[0]} targets for a batch of {B} images")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= C):
-        raise ValueError(f"target class indices must be in [0, {C}), got {idx.min().item()}..{idx.max().item()}")
+        raise ValueError(
+            f"target class indices must be in [0, {C}), got {idx.min().item()}..{idx.max().item()}"
+        )
     return idx

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (``align_corners=False``) of maps [..., h, w] to ``size`` (side or (H, W)) → [..., H, W]."""
+    """Bilinear resize (``align_corners=False``) of maps [..., h, w] to ``size`` (side or (H, W)).
+
+    Returns [..., H, W] float32."""
     target = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
     if (h, w) == target:
@@ -28,14 +30,18 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
     lo = m.amin(dim=(-2, -1), keepdim=True)
     hi = m.amax(dim=(-2, -1), keepdim=True)
     span = hi - lo
-    return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(m))
+    return torch.where(
+        span > 0, (m - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(m)
+    )
 
 
 def sum_to_one(maps: torch.Tensor) -> torch.Tensor:
     """m / Σm per map after clipping negatives to 0 (a probability map); an all-zero map stays all zeros."""
     m = maps.float().clamp_min(0)
     total = m.sum(dim=(-2, -1), keepdim=True)
-    return torch.where(total > 0, m / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(m))
+    return torch.where(
+        total > 0, m / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(m)
+    )
 
 
 def is_degenerate(maps: torch.Tensor) -> torch.Tensor:
@@ -61,10 +67,14 @@ def overlay(
     """
     import matplotlib
 
-    cam_t = torch.as_tensor(np.asarray(cam) if not isinstance(cam, torch.Tensor) else cam).detach().float().cpu()
+    cam_t = (
+        torch.as_tensor(np.asarray(cam) if not isinstance(cam, torch.Tensor) else cam).detach().float().cpu()
+    )
     img = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
     if cam_t.ndim != 2 or img.ndim != 2:
-        raise ValueError(f"overlay needs a 2-D map and a 2-D grayscale image, got {tuple(cam_t.shape)} and {img.shape}")
+        raise ValueError(
+            f"overlay needs a 2-D map and a 2-D grayscale image, got {tuple(cam_t.shape)} and {img.shape}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
     heat = minmax_normalize(upsample(torch.nan_to_num(cam_t, nan=0.0).clamp_min(0), img.shape)).numpy()

@@ -200,7 +200,8 @@ def resolve_method(name: str) -> str:
         if inner is None or METHODS[inner].kind != "layer":
             layer_methods = [n for n, s in METHODS.items() if s.kind == "layer"]
             raise ValueError(
-                f"unknown fusion method {name!r}: `ms-` must prefix a layer method ({', '.join(layer_methods)})"
+                f"unknown fusion method {name!r}: `ms-` must prefix a layer method "
+                f"({', '.join(layer_methods)})"
             )
         return FUSION_PREFIX + inner
     canonical = _canonical(raw)
@@ -208,7 +209,9 @@ def resolve_method(name: str) -> str:
         known = [*METHODS, *ALIASES]
         close = difflib.get_close_matches(raw, known, n=5, cutoff=0.5)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"unknown CAM method {name!r}{hint} (known: {', '.join(METHODS)}; `ms-` prefix fuses layers)")
+        raise ValueError(
+            f"unknown CAM method {name!r}{hint} (known: {', '.join(METHODS)}; `ms-` prefix fuses layers)"
+        )
     return canonical
 
 

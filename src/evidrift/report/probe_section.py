@@ -19,13 +19,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
 
-from evidrift.probe import PROBE_FILES, metric_order  # noqa: E402
-from evidrift.report.figures import render_png, style  # noqa: E402
-from evidrift.sanity import SANITY_FILES, SIMILARITY_METRICS  # noqa: E402
+from evidrift.probe import PROBE_FILES, metric_order
+from evidrift.report.figures import render_png, style
+from evidrift.sanity import SANITY_FILES, SIMILARITY_METRICS
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -39,7 +39,7 @@ def _ci_err(frame: pd.DataFrame) -> list[list[float]]:
     return [low.tolist(), high.tolist()]
 
 
-# --- figures -------------------------------------------------------------------------------------------------
+# --- figures ------------------------------------------------------------------------------------------------
 def probe_figure(frame: pd.DataFrame, arch: str) -> Figure:
     """Head probing figure of one architecture: a panel per metric, variants on x, one bar per CAM method
     with its bootstrap CI (accuracy: one bar); dashed line: chance level 1/n² of gridpg@n."""
@@ -136,10 +136,11 @@ def _file_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-# --- HTML ----------------------------------------------------------------------------------------------------
+# --- HTML ---------------------------------------------------------------------------------------------------
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%"></figure>'
+    source = f"data:image/png;base64,{data}"
+    return f'<figure><img alt="{html.escape(alt)}" src="{source}" style="max-width:100%"></figure>'
 
 
 def _fmt(mean: float, low: float, high: float) -> str:
@@ -162,7 +163,8 @@ def _table(
             for j, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="table-wrap">{table}</div>'
 
 
 def probe_table(summary: pd.DataFrame, arch: str, method: str) -> tuple[list[str], list[list[str]], set]:
@@ -173,7 +175,7 @@ def probe_table(summary: pd.DataFrame, arch: str, method: str) -> tuple[list[str
     variants = list(dict.fromkeys(frame["variant"]))
     header = ["variant", *["accuracy" if m == "correct" else m for m in metrics]]
     rows, bold = [], set()
-    for i, variant in enumerate(variants):
+    for variant in variants:
         row = [variant]
         for metric in metrics:
             hit = frame[(frame["variant"] == variant) & (frame["metric"] == metric)]
