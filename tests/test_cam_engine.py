@@ -335,3 +335,26 @@ def test_memory_flat_over_1000_calls():
         rss_growth = process.memory_info().rss - rss
     assert object_growth < 50, f"{object_growth} more live Python objects after 1,000 calls"
     assert rss_growth < 32 * 1024 * 1024, f"RSS grew by {rss_growth / 2**20:.1f} MiB over 1,000 calls"
+
+
+def test_no_graph_below_the_target_layer():
+    """Only the part above the target layers is recorded (the backward stops there; DESIGN § 8 speed)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()
+    seen: dict[str, bool] = {}
+    net[0].register_forward_hook(lambda m, i, o: seen.__setitem__("below", o.requires_grad))
+    net[4].register_forward_hook(lambda m, i, o: seen.__setitem__("above", o.requires_grad))
+    with CAMEngine(net, ["2"]) as engine:
+        engine(torch.randn(2, 3, 9, 9), "prediction", methods=["gradcam", "gradcam++"])
+    assert seen == {"below": False, "above": True}
+    with CAMEngine(net, ["2"]) as engine:  # input-space methods need the whole graph
+        engine(torch.randn(2, 3, 9, 9), "prediction", methods=["gradcam", "gradient"])
+    assert seen == {"below": True, "above": True}

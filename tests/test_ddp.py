@@ -8,6 +8,7 @@ exactly the samples of the single-process batch of 8: the weights must agree to 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,10 +69,17 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path: Path) -> Non
         "--master-port",
         str(_free_port()),
     ]
-    result = subprocess.run(
+    process = subprocess.Popen(
         [*command, "-m", "evidrift", "train", str(ddp_study), "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=110,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=110)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: no orphan keeps running
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in 110 s:\n{stderr[-4000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
     assert result.returncode == 0, result.stderr[-4000:]
 
     single = load_config(_study(tmp_path / "single", weights, batch_size=8))

@@ -43,7 +43,10 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert drift.groupby("method")["id"].apply(set).map(lambda ids: ids == set(test_ids)).all()
     summary = pd.read_csv(paths.summary)
     assert len(summary) == len(metrics) * len(DEMO_METHODS)
-    assert summary["ci_low"].le(summary["mean"] + 1e-12).all() and summary["mean"].le(summary["ci_high"] + 1e-12).all()
+    assert (
+        summary["ci_low"].le(summary["mean"] + 1e-12).all()
+        and summary["mean"].le(summary["ci_high"] + 1e-12).all()
+    )
     localization = pd.read_csv(out / "localization_summary.csv")
     assert set(localization["stage"]) == {1, 2} and "pointing_game" in set(localization["metric"])
 

@@ -221,3 +221,16 @@ def test_blob_moved_by_d_gives_centroid_shift_d(cy: int, cx: int, dy: int, dx: i
     d = math.hypot(dy, dx) / math.hypot(h, w)
     assert t["centroid_shift"][0] == pytest.approx(d, abs=1e-6)
     assert t["peak_shift"][0] == pytest.approx(d, abs=1e-9)
+
+
+def test_chunked_parallel_run_equals_one_chunk_and_keeps_thread_count() -> None:
+    a, b = _maps(5, 7, 20, 18, 0.3), _maps(6, 7, 20, 18, 0.3)
+    threads = torch.get_num_threads()
+    one = compare(a, b, chunk_size=100)
+    torch.set_num_threads(2)
+    try:
+        many = compare(a, b, chunk_size=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert one.drop(columns=["degenerate_reason"]).equals(many.drop(columns=["degenerate_reason"]))

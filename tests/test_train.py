@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from torch import nn
 import evidrift  # noqa: F401  (before timm)
 from evidrift import models
 from evidrift.artifacts import RunPaths, read_jsonl
-from evidrift.config import HeadConfig, StageConfig, StudyConfig, parse_config
+from evidrift.config import HeadConfig, StageConfig, parse_config
 from evidrift.data.sources import load_manifest
 from evidrift.distributed import Context, epoch_batches
 from evidrift.evaluate import (
@@ -209,36 +213,50 @@ def test_fit_learns_and_keeps_best(tmp_path: Path) -> None:
         assert state.epoch - state.best_epoch == cfg.patience
 
 
-def _tiny_study(out: Path) -> StudyConfig:
-    return parse_config(
-        {
-            "data": {"phantom": {"n": 60, "size": 32, "n_source": 48}, "split": {"val": 0.2, "test": 0.25}},
-            "models": [{"arch": "test_resnet", "image_size": 32, "head": {"type": "mlp2", "hidden": 8}}],
-            "train": {
-                "stage0": {"epochs": 1, "batch_size": 8},
-                "stage1": {"epochs": 2, "batch_size": 8, "cache_features": True},
-                "stage2": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 3},
-            },
-            "stats": {"n_boot": 200},
-            "output": {"dir": str(out)},
-        }
-    )
+def _tiny_study_dict(out: Path) -> dict:
+    return {
+        "data": {"phantom": {"n": 60, "size": 32, "n_source": 48}, "split": {"val": 0.2, "test": 0.25}},
+        "models": [{"arch": "test_resnet", "image_size": 32, "head": {"type": "mlp2", "hidden": 8}}],
+        "train": {
+            "stage0": {"epochs": 1, "batch_size": 8},
+            "stage1": {"epochs": 2, "batch_size": 8, "cache_features": True},
+            "stage2": {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 3},
+        },
+        "stats": {"n_boot": 200},
+        "output": {"dir": str(out)},
+    }
 
 
-def test_study_resumes_to_identical_weights_skips_done_stages_and_evaluates(tmp_path: Path) -> None:
-    reference_cfg = _tiny_study(tmp_path / "a")
+#: Runs the tiny study in a child process that SIGKILLs itself after optimizer step 5 of stage 2.
+KILLED_RUN = """
+import json, os, signal, sys, torch
+import evidrift
+from evidrift.artifacts import RunPaths
+from evidrift.config import parse_config
+from evidrift.train import train_study
+torch.set_num_threads(1)
+config = parse_config(json.loads(sys.argv[1]))
+
+def kill(label, step):
+    if label.endswith("stage 2") and step == 5:  # inside stage 2's second epoch
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_study(config, RunPaths.at(config.output.dir), progress=False, on_step=kill)
+"""
+
+
+def test_study_killed_with_sigkill_resumes_to_identical_weights_and_evaluates(tmp_path: Path) -> None:
+    reference_cfg = parse_config(_tiny_study_dict(tmp_path / "a"))
     reference = train_study(reference_cfg, RunPaths.at(tmp_path / "a"), progress=False)
     assert set(reference["test_resnet"]) == {"0", "1", "2"}
 
-    config = _tiny_study(tmp_path / "b")
+    raw = _tiny_study_dict(tmp_path / "b")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, json.dumps(raw)], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    config = parse_config(raw)
     paths = RunPaths.at(tmp_path / "b")
-
-    def kill(label: str, step: int) -> None:
-        if label.endswith("stage 2") and step == 5:  # inside stage 2's second epoch
-            raise KeyboardInterrupt("simulated kill")
-
-    with pytest.raises(KeyboardInterrupt):
-        train_study(config, paths, progress=False, on_step=kill)
     assert not paths.checkpoint("test_resnet", 2).exists()
     steps: list[tuple[str, int]] = []
     train_study(config, paths, progress=False, on_step=lambda label, step: steps.append((label, step)))

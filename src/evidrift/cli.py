@@ -270,10 +270,10 @@ def _print_drift_table(run_dir: Path, title: str) -> None:
     header, rows = summary_rows(pd.read_csv(run_dir / "summary.csv"))
     table = Table(title=title)
     for column in header:
-        table.add_column(column, justify="left" if column in ("arch", "method") else "right")
+        table.add_column(column, justify="left" if column in ("arch", "method") else "right", overflow="fold")
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    console.print(table, width=None if console.is_terminal else 160)
 
 
 def _run_and_report(

@@ -185,8 +185,8 @@ class ProbeConfig(Section):
     """Head probing study ("How to Probe"): on a frozen backbone, one head per ``losses`` × ``heads`` variant
     (same ``epochs``/``lr``/``batch_size``/``seed``), explained with ``methods``. GridPG grids (n × n for n in
     ``grids``, ``n_grids`` of each) are built from test images every variant classifies correctly with
-    probability ≥ ``confidence``; maps are smoothed by a ``smoothing`` × ``smoothing`` average pool (1 = none)
-    before GridPG. ``max_images`` caps the test images explained against the lesion masks (null = all)."""
+    probability ≥ ``confidence`` (``grid_pool: all``: any test image, for tiny smoke runs); maps are smoothed
+    by a ``smoothing`` × ``smoothing`` average pool (1 = none) before GridPG. ``max_images`` caps the test images explained against the lesion masks (null = all)."""
 
     losses: Annotated[list[Literal["ce", "bce"]], Field(min_length=1)] = ["ce", "bce"]
     heads: Annotated[list[ProbeHead], Field(min_length=1)] = ["linear", "linear_nobias", "mlp2", "mlp3"]
@@ -197,6 +197,7 @@ class ProbeConfig(Section):
     batch_size: Annotated[int, Field(ge=1)] = 64
     methods: Annotated[list[str], Field(min_length=1)] = DEFAULT_EXPLAIN_METHODS
     confidence: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.95
+    grid_pool: Literal["confident", "all"] = "confident"
     grids: Annotated[list[Annotated[int, Field(ge=2, le=8)]], Field(min_length=1)] = [2, 3]
     n_grids: Annotated[int, Field(ge=1)] = 50
     smoothing: Annotated[int, Field(ge=1, le=31)] = 5
@@ -325,9 +326,9 @@ def load_config(path: str | os.PathLike[str]) -> StudyConfig:
     config = parse_config(raw, str(file))
     base = file.resolve().parent
     if config.data.path is not None and not config.data.path.is_absolute():
-        config.data.path = base / config.data.path
+        config.data.path = (base / config.data.path).resolve()
     if not config.output.dir.is_absolute():
-        config.output.dir = base / config.output.dir
+        config.output.dir = (base / config.output.dir).resolve()
     return config
 
 

@@ -590,9 +590,13 @@ def probe_model(
         train = cache_split(
             model, dataset(_split(frame, "train")), batch, device, False, f"{key} train features", progress
         )
-        val = cache_split(
-            model, dataset(_split(frame, "val")), batch, device, False, f"{key} val features", progress
-        )
+        val_frame = _split(frame, "val")
+        if val_frame.empty:  # train_probe_head then validates on the training features
+            val = CachedSplit(train.pooled[:0], train.labels[:0])
+        else:
+            val = cache_split(
+                model, dataset(val_frame), batch, device, False, f"{key} val features", progress
+            )
         test = cache_split(model, test_set, batch, device, True, f"{key} test activations", progress)
         probe_x = torch.stack([test_set[i]["image"] for i in range(min(2, len(test_set)))]).to(device)
         fast = cam_layer_is_backbone_output(model, layer, probe_x)
@@ -632,6 +636,8 @@ def probe_model(
         eligible = confident_correct(
             [logits[v.name] for v in variants], [v.loss for v in variants], test.labels, probe.confidence
         )
+        if probe.grid_pool == "all":
+            eligible = torch.ones_like(eligible)
         grid_sets = []
         for n in probe.grids:
             specs = sample_grids(test.labels, eligible, n, probe.n_grids, probe.seed)

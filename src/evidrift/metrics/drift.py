@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -367,7 +368,8 @@ def compare(
 
     ``metrics``: names (aliases and ``@k`` accepted; None = ``default_metric_names()``); ``size``: analysis
     size (int or (H, W); None = the larger of the two inputs' sizes). Pairs are processed ``chunk_size`` at a
-    time on the tensors' device. Returns a DataFrame with one row per pair: one float64 column per metric
+    time on the tensors' device; on CPU, ``torch.get_num_threads()`` chunks run at once, each with
+    single-threaded torch ops (the thread count is restored on return). Returns a DataFrame with one row per pair: one float64 column per metric
     (canonical names, NaN where a map breaks the metric), ``degenerate`` (bool: either map non-finite, all
     zero or constant) and ``degenerate_reason`` (str, '' when not degenerate). Never raises for bad maps.
     """
@@ -384,9 +386,11 @@ def compare(
     n = a.shape[0]
     columns = {name: np.empty(n, dtype=np.float64) for name in names}
     degenerate = np.zeros(n, dtype=bool)
-    reasons: list[str] = []
+    reasons: list[str] = [""] * n
     chunk_size = max(1, int(chunk_size))
-    for start in tqdm(range(0, n, chunk_size), disable=not progress, desc="drift", unit="chunk"):
+    starts = list(range(0, n, chunk_size))
+
+    def run_chunk(start: int) -> None:
         stop = min(n, start + chunk_size)
         pa = AnalysisMaps(a[start:stop], size)
         pb = AnalysisMaps(b[start:stop], size)
@@ -402,7 +406,31 @@ def compare(
             columns[name][start:stop] = metric.fn(pa, pb, **kwargs).cpu().numpy()
         bad = pa.degenerate | pb.degenerate | pa.constant | pb.constant
         degenerate[start:stop] = bad.cpu().numpy()
-        reasons.extend(degenerate_reasons(pa, pb))
+        reasons[start:stop] = degenerate_reasons(pa, pb)
+
+    bar = tqdm(total=len(starts), disable=not progress, desc="drift", unit="chunk")
+    workers = min(torch.get_num_threads(), len(starts)) if a.device.type == "cpu" else 1
+    if workers <= 1:
+        for start in starts:
+            run_chunk(start)
+            bar.update()
+    else:
+        # CPU: one chunk per core, each computed with single-threaded torch ops (torch releases the GIL).
+        # Coarse parallelism keeps both cores busy without per-op thread barriers, which stall badly on a
+        # shared or oversubscribed machine.
+        previous = torch.get_num_threads()
+
+        def single_threaded(start: int) -> None:
+            torch.set_num_threads(1)
+            run_chunk(start)
+
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in pool.map(single_threaded, starts):
+                    bar.update()
+        finally:
+            torch.set_num_threads(previous)
+    bar.close()
     frame = pd.DataFrame(columns)
     frame["degenerate"] = degenerate
     frame["degenerate_reason"] = reasons

@@ -103,8 +103,11 @@ def classification_figure(table: pd.DataFrame, stage_labels: Mapping[int, str]) 
             ax.set_ylim(0, 1.12)
             ax.set_title(title)
             ax.grid(axis="y", alpha=0.3)
-        axes[0, 0].legend(loc="lower left", frameon=True, framealpha=0.9)
-        fig.tight_layout()
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(
+            handles, names, loc="upper center", ncol=len(names), frameon=False, bbox_to_anchor=(0.5, 1.0)
+        )
+        fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
 
