@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 from evidrift.data.phantom import (
     CLASSES,
     SOURCE_CLASSES,
+    SOURCE_VERSION,
+    _source_pattern,
     generate_phantom_set,
     generate_source_set,
     mask_bbox,
@@ -129,8 +132,45 @@ def test_source_set_has_all_classes_and_is_deterministic(tmp_path: Path) -> None
     frame = pd.read_csv(manifest)
     assert sorted(frame["label"].unique()) == sorted(SOURCE_CLASSES)
     assert _digest(tmp_path / "s1") == _digest(tmp_path / "s2")
-    image = render_source("ring", np.random.default_rng(0), 40)
-    assert image.shape == (40, 40) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
+    for label in SOURCE_CLASSES:
+        image = render_source(label, np.random.default_rng(0), 40)
+        assert image.shape == (40, 40) and image.dtype == np.float32 and 0 <= image.min() <= image.max() <= 1
+    with pytest.raises(ValueError, match="unknown source label 'ring'"):
+        render_source("ring", np.random.default_rng(0), 40)
+    assert json.loads((tmp_path / "s1" / "params.json").read_text())["version"] == SOURCE_VERSION
+
+
+def _pattern_stats(label: str, seeds: range, size: int = 64) -> list[tuple[float, float, float, float]]:
+    """Per seed: (mass, share of the pattern's mass in the upper half, in the left half, mean of its
+    ≥ 0.5 part's row in [0, 1]) of a source class's pattern."""
+    stats = []
+    for seed in seeds:
+        pattern = _source_pattern(label, np.random.default_rng(seed), size).astype(np.float64)
+        mass = pattern.sum()
+        half = size // 2
+        upper = pattern[:half].sum() / mass if mass else 0.0
+        left = pattern[:, :half].sum() / mass if mass else 0.0
+        stats.append((mass / pattern.size, upper, left, pattern.max()))
+    return stats
+
+
+def test_source_patterns_have_the_placement_and_scale_their_class_says() -> None:
+    seeds = range(6)
+    assert all(mass == 0 for mass, *_ in _pattern_stats("empty", seeds))
+    for label in SOURCE_CLASSES[1:]:
+        assert all(mass > 0 and peak <= 1.0 + 1e-6 for mass, _, _, peak in _pattern_stats(label, seeds)), (
+            label
+        )
+    assert all(upper > 0.9 for _, upper, _, _ in _pattern_stats("nodules_upper", seeds))
+    assert all(upper < 0.1 for _, upper, _, _ in _pattern_stats("nodules_lower", seeds))
+    assert all(upper < 0.25 for _, upper, _, _ in _pattern_stats("patchy_lower", seeds))
+    assert all(left > 0.9 or left < 0.1 for _, _, left, _ in _pattern_stats("dense_patch", seeds))  # one side
+    assert all(0.2 < left < 0.8 for _, _, left, _ in _pattern_stats("haze_bilateral", seeds))  # both sides
+    assert all(0.2 < left < 0.8 for _, _, left, _ in _pattern_stats("patchy_lower", seeds))
+    # small nodules cover little, the dense patch and the large shape much more
+    nodules = np.mean([m for m, *_ in _pattern_stats("nodules_upper", seeds)])
+    patch = np.mean([m for m, *_ in _pattern_stats("dense_patch", seeds)])
+    assert patch > 3 * nodules
 
 
 def test_write_preview_writes_a_png(tiny_phantom_set: Path, tmp_path: Path) -> None:

@@ -147,3 +147,48 @@ def test_self_test_identical_checkpoints_give_zero_drift(
     assert all(np.isfinite(v) for v in randomized.values())
     assert randomized[("gradcam", "spearman")] < 0.99
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1.json", "stage1.safetensors"]  # copy removed
+
+
+def test_sanity_summary_figures_and_report_section(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from evidrift.report.probe_section import probe_report_section, write_sanity_figures
+    from evidrift.sanity import SANITY_FILES, summarize_curves
+
+    rows = []
+    for step, block in enumerate(["original", "fc", "layer4"]):
+        for image in range(4):
+            values = {m: 1.0 - 0.4 * step + 0.01 * image for m in SIMILARITY_METRICS}
+            rows.append(
+                {
+                    "arch": "a<i>",
+                    "mode": "cascading",
+                    "step": step,
+                    "block": block,
+                    "method": "gradcam",
+                    "image": str(image),
+                    **values,
+                }
+            )
+    summary = summarize_curves(pd.DataFrame(rows), n_boot=200)
+    first = summary[(summary["step"] == 0) & (summary["metric"] == "ssim")].iloc[0]
+    assert first["mean"] == pytest.approx(1.015) and first["n"] == 4 and first["ci_low"] <= first["ci_high"]
+    summary.to_csv(tmp_path / SANITY_FILES["summary"], index=False)
+    checks = [
+        {
+            "arch": "a<i>",
+            "check": "identical checkpoints",
+            "method": "gradcam",
+            "metric": "js",
+            "value": 0.0,
+            "expected": "= 0",
+            "passed": True,
+        }
+    ]
+    (tmp_path / SANITY_FILES["selftest"]).write_text(json.dumps({"passed": True, "checks": checks}))
+    figures = write_sanity_figures(summary, tmp_path / "figures")
+    assert [f.name for f in figures] == ["sanity_a_i__cascading.png"] and figures[0].stat().st_size > 1000
+    html = probe_report_section(tmp_path)
+    assert "Sanity checks" in html and "a&lt;i&gt;" in html and "<i>" not in html and "base64," in html

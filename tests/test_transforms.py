@@ -17,6 +17,7 @@ from evidrift.data.transforms import (
     Preprocess,
     denormalize,
     resize_image,
+    single_thread,
     to_model_input,
 )
 
@@ -73,6 +74,45 @@ def test_augmentation_is_seeded_and_moves_image_and_mask_together() -> None:
     assert not torch.equal(outputs[0][1], outputs[2][1])
     _, plain_mask = Preprocess(64)(image, mask)
     assert not torch.equal(plain_mask, outputs[0][1])
+
+
+def test_augmented_mask_is_exactly_the_warped_image_region() -> None:
+    """Image and mask go through the same grid: for an image equal to its mask, the augmented mask is the
+    augmented image thresholded at 0.5, pixel for pixel (rotation, scale and shift all on)."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((80, 60), dtype=bool)  # not square: padding is part of the path
+    for _ in range(4):
+        r, c = rng.integers(5, 55), rng.integers(5, 40)
+        mask[r : r + 17, c : c + 11] = True
+    image = mask.astype(np.float32)
+    limits = {"max_rotation": 15.0, "max_scale": 0.1, "max_translate": 0.1}
+    pre = Preprocess(48, augment=True, max_brightness=0.0, max_contrast=0.0, **limits)
+    for seed in range(5):
+        tensor, warped = pre(image, mask, torch.Generator().manual_seed(seed))
+        gray = denormalize(tensor)
+        clear = (gray - 0.5).abs() > 1e-4
+        assert clear.float().mean() > 0.99
+        torch.testing.assert_close(warped[clear], (gray >= 0.5).float()[clear])
+        assert 0 < warped.sum() < warped.numel()
+
+
+def test_single_thread_restores_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), single_thread():
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_mask_of_another_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"mask shape \(4, 5\) differs from image shape \(5, 5\)"):
+        Preprocess(8)(np.zeros((5, 5), dtype=np.float32), np.zeros((4, 5), dtype=bool))
 
 
 def test_brightness_contrast_change_only_the_image() -> None:
@@ -132,6 +172,31 @@ def test_manifest_dataset_augmentation_depends_on_seed_epoch_index(tiny_phantom_
     b.set_epoch(1)
     assert not torch.equal(a[3]["image"], b[3]["image"])
     assert item_seed(4, 0, 3) == item_seed(4, 0, 3) != item_seed(4, 0, 2)
+
+
+def test_manifest_dataset_augments_image_and_mask_alike(tiny_phantom_set: Path) -> None:
+    """The lesion mask moves with the image: the augmented mask equals the plain mask warped by the same
+    draws (same (seed, epoch, index) → same item), and differs between epochs."""
+    from evidrift.data.phantom import CLASSES
+
+    frame = _frame(tiny_phantom_set)
+    dataset = ManifestDataset(frame, CLASSES, size=32, augment=True, with_mask=True, seed=2)
+    index = 1  # bacterial pneumonia: a non-empty mask
+    first, again = dataset[index], dataset[index]
+    torch.testing.assert_close(first["mask"], again["mask"])
+    torch.testing.assert_close(first["image"], again["image"])
+    dataset.set_epoch(1)
+    other = dataset[index]
+    assert not torch.equal(first["mask"], other["mask"])
+    assert first["mask"].sum() > 0 and set(first["mask"].unique().tolist()) <= {0.0, 1.0}
+    # the same warp through Preprocess directly, with the item's generator
+    from evidrift.data.readers import read_image, read_mask
+
+    image, mask = read_image(frame.loc[index, "path"]), read_mask(frame.loc[index, "mask_path"])
+    generator = torch.Generator().manual_seed(item_seed(2, 0, index))
+    tensor, warped = dataset.preprocess(image, mask, generator)
+    torch.testing.assert_close(warped, first["mask"])
+    torch.testing.assert_close(tensor, first["image"])
 
 
 def test_manifest_dataset_refuses_skipped_rows(tiny_phantom_set: Path) -> None:

@@ -273,7 +273,7 @@ def _print_drift_table(run_dir: Path, title: str) -> None:
         table.add_column(column, justify="left" if column in ("arch", "method") else "right", overflow="fold")
     for row in rows:
         table.add_row(*row)
-    console.print(table, width=None if console.is_terminal else 160)
+    (console if console.is_terminal else Console(width=160)).print(table)  # a log file gets the whole table
 
 
 def _run_and_report(

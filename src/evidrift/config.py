@@ -177,17 +177,21 @@ class OutputConfig(Section):
     dir: Path = Path("runs/study")
 
 
-# --- probe / sanity (issue 7) --------------------------------------------------------------------------------
+# --- probe / sanity (issue 7) -------------------------------------------------------------------------------
 ProbeHead = Literal["linear", "linear_nobias", "mlp2", "mlp3"]
 
 
 class ProbeConfig(Section):
-    """Head probing study ("How to Probe"): on a frozen backbone, one head per ``losses`` × ``heads`` variant
+    """Head probing study ("How to Probe"): on a frozen backbone (``backbone``: ``pretrained`` = the model's
+    weights, or its stage-0 checkpoint when ``weights: none``; ``finetuned`` = the run's stage-2 backbone, for
+    an in-domain backbone when pretraining transfers poorly), one head per ``losses`` × ``heads`` variant
     (same ``epochs``/``lr``/``batch_size``/``seed``), explained with ``methods``. GridPG grids (n × n for n in
     ``grids``, ``n_grids`` of each) are built from test images every variant classifies correctly with
     probability ≥ ``confidence`` (``grid_pool: all``: any test image, for tiny smoke runs); maps are smoothed
-    by a ``smoothing`` × ``smoothing`` average pool (1 = none) before GridPG. ``max_images`` caps the test images explained against the lesion masks (null = all)."""
+    by a ``smoothing`` × ``smoothing`` average pool (1 = none) before GridPG. ``max_images`` caps the test
+    images explained against the lesion masks (null = all)."""
 
+    backbone: Literal["pretrained", "finetuned"] = "pretrained"
     losses: Annotated[list[Literal["ce", "bce"]], Field(min_length=1)] = ["ce", "bce"]
     heads: Annotated[list[ProbeHead], Field(min_length=1)] = ["linear", "linear_nobias", "mlp2", "mlp3"]
     hidden: Annotated[int, Field(ge=1)] = 256

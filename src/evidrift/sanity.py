@@ -392,14 +392,14 @@ def sanity_modes(mode: str) -> list[Mode]:
 def sanity_checkpoint(
     config: StudyConfig, paths: RunPaths, model_cfg: ModelConfig, progress: bool = True
 ) -> Path:
-    """The checkpoint the sanity checks explain: the run's stage 2 when trained, else stage 1; when neither
-    exists, stages 0 (if needed) and 1 are trained first (``train.train_study``; resumable)."""
-    from evidrift.train import train_study
+    """The checkpoint the sanity checks explain: the run's stage 2 when trained with this config, else
+    stage 1; when neither is, stages 0 (if needed) and 1 are trained first (``train.train_study``;
+    resumable)."""
+    from evidrift.train import StageFiles, stage_done, stage_hash, train_study
 
     for stage in ("2", "1"):
-        path = paths.checkpoint(model_cfg.key, stage)
-        if path.is_file() and models.sidecar_path(path).is_file():
-            return path
+        if stage_done(StageFiles.of(paths, model_cfg.key, stage), stage_hash(config, model_cfg, stage)):
+            return paths.checkpoint(model_cfg.key, stage)
     logger.info("%s: no stage-1/2 checkpoint in %s; training stages 0-1 first", model_cfg.key, paths.root)
     done = train_study(config, paths, arch=model_cfg.key, stages=("0", "1"), progress=progress)
     return done[model_cfg.key]["1"]

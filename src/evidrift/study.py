@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -36,6 +36,9 @@ from evidrift import distributed
 from evidrift.artifacts import RunPaths, config_hash, write_json_atomic, write_text_atomic
 from evidrift.config import StudyConfig, dump_yaml, study_hash
 from evidrift.distributed import Context
+
+if TYPE_CHECKING:
+    from evidrift.analysis import DriftSettings
 
 logger = logging.getLogger("evidrift.study")
 
@@ -195,14 +198,23 @@ def run_evaluate(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
 
 
 def run_explain(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+    """Maps of both stages of every model; StudyError when no model has a single image to explain."""
     from evidrift.explain import explain_run
 
+    explained = {}
     for model in config.models:
         for stage in (1, 2):
-            explain_run(config, paths, model.key, stage, ctx=ctx)
+            explained[model.key] = explain_run(config, paths, model.key, stage, ctx=ctx).n_images
+    if not any(explained.values()):
+        raise StudyError(
+            f"explain.samples = {config.explain.samples!r} selected no test image for any model "
+            f"({paths.root / 'eval'} has the predictions): no model classifies a test image correctly "
+            "at the required stages. Train longer (train.stage*.epochs), or set explain.samples to tp_any "
+            "or all, then rerun (finished steps are kept)."
+        )
 
 
-def drift_settings(config: StudyConfig) -> Any:
+def drift_settings(config: StudyConfig) -> DriftSettings:
     """The drift step's settings (``evidrift.analysis.DriftSettings``) from the study's drift and stats."""
     from evidrift.analysis import DriftSettings
 
@@ -249,7 +261,7 @@ def _masks_at(frame: pd.DataFrame, size: int, resize: str) -> dict[str, Any]:
     return out
 
 
-def localization_table(config: StudyConfig, paths: RunPaths, settings: Any) -> pd.DataFrame | None:
+def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> pd.DataFrame | None:
     """Maps of both stages vs the lesion masks: one row per (id, arch, stage, method), a column per
     ``LOCALIZATION_METRICS`` (at the drift analysis size); None when the data has no masks."""
     import torch
@@ -301,7 +313,7 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: Any) -> p
     return pd.DataFrame(rows) if rows else None
 
 
-def write_localization(config: StudyConfig, paths: RunPaths, settings: Any) -> None:
+def write_localization(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> None:
     """``localization.parquet`` and ``localization_summary.csv`` (mean, bootstrap CI per arch × stage × method
     × metric) when the data has lesion masks; nothing otherwise."""
     from evidrift import stats
@@ -390,7 +402,7 @@ def run_study(
             results.append(StepResult(step, "skipped", 0.0, digest))
             say(f"[{step}] done before (hash {digest}), skipped")
         else:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if ctx.is_main:
                 previous = _previous_hash(paths, step)
                 if step in CLEAR_ON_CHANGE and previous is not None and previous != digest:
@@ -400,10 +412,16 @@ def run_study(
             say(f"[{step}] running ...")
             runners[step](config, paths, ctx)
             distributed.barrier(ctx)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if ctx.is_main:
                 write_json_atomic(
-                    paths.step_marker(step), {"step": step, "hash": digest, "seconds": round(seconds, 3)}
+                    paths.step_marker(step),
+                    {
+                        "step": step,
+                        "hash": digest,
+                        "seconds": round(seconds, 3),
+                        "cpu_seconds": round(cpu, 3),
+                    },
                 )
                 _remove(_started_path(paths, step))
             distributed.barrier(ctx)

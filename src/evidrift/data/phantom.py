@@ -39,20 +39,24 @@ CLASSES: tuple[str, ...] = ("normal", "bacterial_pneumonia", "viral_pneumonia", 
 
 #: Classes of the stage-0 source task (synthetic shapes and textures; not chest X-rays).
 SOURCE_CLASSES: tuple[str, ...] = (
-    "disc",
-    "ring",
-    "square",
-    "cross",
-    "triangle",
-    "checkerboard",
-    "blobs",
-    "stripes_horizontal",
-    "stripes_vertical",
-    "stripes_diagonal",
+    "empty",
+    "dense_patch",
+    "haze_bilateral",
+    "reticular",
+    "patchy_lower",
+    "nodules_upper",
+    "nodules_lower",
+    "rings",
+    "bands",
+    "large_shape",
 )
 
 #: Version of the generator; part of the parameters that decide whether a generated set can be reused.
 PHANTOM_VERSION = 1
+
+#: Version of the source-set generator (2: lesion-like patterns on varied backgrounds, replacing the shapes
+#: and stripes of version 1, whose features barely transferred to the phantom classes).
+SOURCE_VERSION = 2
 
 #: Where the class-correlated marker sits (a shortcut): (row, column) anchors in units of the image side.
 _MARKER_ANCHORS: dict[str, tuple[float, float]] = {
@@ -384,58 +388,160 @@ def render_phantom(
 
 
 # --- the stage-0 source task --------------------------------------------------------------------------------
-def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One image of the source task: a shape or texture of class ``label`` (``SOURCE_CLASSES``) on a noisy
-    background, random position, scale, rotation and contrast sign. Returns float32 [S, S] in [0, 1]."""
-    if label not in SOURCE_CLASSES:
-        raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
+def _source_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A varied smooth grey background float32 [S, S]: level, large-scale undulation, a linear gradient, soft
+    large bright/dark ellipses and bands (distractors, the same for every class), fine texture."""
     x, y = _grid(size)
-    edge = max(3.0 / size, 0.01)
-    background = 0.45 + 0.08 * smooth_noise(rng, size, 4)
-    contrast = float(rng.uniform(0.18, 0.4)) * float(rng.choice([-1.0, 1.0]))
-    cx, cy = rng.uniform(-0.35, 0.35, size=2)
-    radius = float(rng.uniform(0.22, 0.5))
-    angle = float(rng.uniform(0.0, 2 * math.pi))
-    cos, sin = math.cos(angle), math.sin(angle)
-    u = ((x - cx) * cos + (y - cy) * sin).astype(np.float32)
-    v = (-(x - cx) * sin + (y - cy) * cos).astype(np.float32)
-    distance = np.sqrt(u * u + v * v)
-    if label == "disc":
-        shape = _ramp(radius - distance, edge)
-    elif label == "ring":
-        shape = _ramp(0.14 * radius - np.abs(distance - 0.8 * radius), edge)
-    elif label == "square":
-        shape = _ramp(0.8 * radius - np.maximum(np.abs(u), np.abs(v)), edge)
-    elif label == "cross":
-        arm = 0.28 * radius
-        shape = np.maximum(
-            _ramp(arm - np.abs(u), edge) * _ramp(radius - np.abs(v), edge),
-            _ramp(arm - np.abs(v), edge) * _ramp(radius - np.abs(u), edge),
+    level = rng.uniform(0.22, 0.6)
+    background = level + rng.uniform(0.04, 0.12) * smooth_noise(rng, size, int(rng.integers(2, 5)))
+    angle = rng.uniform(0.0, 2 * math.pi)
+    background = background + rng.uniform(0.0, 0.12) * (x * math.cos(angle) + y * math.sin(angle))
+    for _ in range(int(rng.integers(0, 4))):  # large ellipses, soft or sharp edged, either sign
+        cx, cy = rng.uniform(-0.8, 0.8, size=2)
+        rx, ry = rng.uniform(0.15, 0.6, size=2)
+        distance = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+        inside = _ramp(1.0 - distance, rng.uniform(0.03, 0.8))
+        background = background + rng.uniform(-0.2, 0.1) * inside
+    if rng.random() < 0.5:  # a soft straight band (bone-like), any orientation
+        theta = rng.uniform(0.0, math.pi)
+        offset = rng.uniform(-0.6, 0.6)
+        across = x * math.cos(theta) + y * math.sin(theta) - offset
+        background = background + rng.uniform(0.04, 0.12) * np.exp(
+            -0.5 * (across / rng.uniform(0.03, 0.1)) ** 2
         )
-    elif label == "triangle":
-        shape = np.ones_like(u)
+    background = background + rng.uniform(0.005, 0.02) * smooth_noise(rng, size, 24)
+    return background.astype(np.float32)
+
+
+def _soft_blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    """Separable Gaussian float32 [S, S] centred at (cx, cy) with stds (rx, ry), peak 1."""
+    return (np.exp(-0.5 * ((y - cy) / ry) ** 2) * np.exp(-0.5 * ((x - cx) / rx) ** 2)).astype(np.float32)
+
+
+def _small_discs(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, count: int, ys: tuple[float, float], ring: bool
+) -> np.ndarray:
+    """``count`` small discs (or rings: bright rim, faint centre) of radius 0.025-0.07 with centres at
+    |x| in [0.15, 0.75] (random side) and y in ``ys``; union (max) float32 [S, S] in [0, 1]."""
+    field = np.zeros((y.shape[0], x.shape[1]), dtype=np.float32)
+    for _ in range(count):
+        cx = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.15, 0.75)
+        cy = rng.uniform(*ys)
+        radius = rng.uniform(0.025, 0.07)
+        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / radius
+        if ring:
+            shape = 0.25 * _ramp(1.2 - r, 0.3) + np.exp(-0.5 * ((r - 1.0) / 0.2) ** 2) * (r < 1.6)
+        else:
+            shape = _ramp(1.0 - r, 0.4)
+        field = np.maximum(field, shape.astype(np.float32))
+    return field
+
+
+def _source_pattern(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """The class-defining pattern of a source image, float32 [S, S] in about [0, 1] (0 = no change)."""
+    x, y = _grid(size)
+    zeros = np.zeros((size, size), dtype=np.float32)
+    if label == "empty":
+        return zeros
+    if label == "dense_patch":  # one dense, sharp-edged patch on one side
+        side = float(rng.choice([-1.0, 1.0]))
+        cx, cy = side * rng.uniform(0.3, 0.55), rng.uniform(-0.45, 0.45)
+        field = zeros.copy()
+        for _ in range(3):
+            field += _soft_blob(
+                x, y, cx + rng.normal(0, 0.07), cy + rng.normal(0, 0.07), *rng.uniform(0.1, 0.2, size=2)
+            )
+        shape = _smoothstep((field * (1.0 + 0.3 * smooth_noise(rng, size, 12)) - 0.45) / 0.35)
+        if rng.random() < 0.5:  # a straight sharp border on top, like a fissure
+            shape = shape * _ramp(y - (cy - rng.uniform(0.05, 0.15)), 0.02)
+        return shape
+    if label == "haze_bilateral":  # faint, diffuse haze on both sides near the middle
+        field = zeros.copy()
+        cy = rng.uniform(-0.3, 0.3)
+        for side in (-1.0, 1.0):
+            field += _soft_blob(
+                x,
+                y,
+                side * rng.uniform(0.15, 0.4),
+                cy + rng.normal(0, 0.08),
+                *rng.uniform(0.12, 0.25, size=2),
+            )
+        return np.clip(field * (0.8 + 0.2 * smooth_noise(rng, size, 16)), 0.0, 1.0) * 0.6
+    if label == "reticular":  # net-like texture in one or two soft regions
+        net = 0.5 + 0.5 * np.cos(smooth_noise(rng, size, int(rng.integers(32, 56))) * 2.5)
+        region = zeros.copy()
+        for side in [-1.0, 1.0] if rng.random() < 0.5 else [float(rng.choice([-1.0, 1.0]))]:
+            region += _soft_blob(
+                x, y, side * rng.uniform(0.2, 0.5), rng.uniform(-0.4, 0.4), *rng.uniform(0.15, 0.3, size=2)
+            )
+        return np.clip(region, 0.0, 1.0) * net
+    if label == "patchy_lower":  # blotchy patches along both outer edges of the lower half
+        patches = _smoothstep((smooth_noise(rng, size, 10) + 0.6) / 1.2)
+        field = zeros.copy()
+        for side in (-1.0, 1.0):
+            for _ in range(2):
+                field += _soft_blob(
+                    x,
+                    y,
+                    side * rng.uniform(0.45, 0.75),
+                    rng.uniform(0.15, 0.6),
+                    *rng.uniform(0.08, 0.16, size=2),
+                )
+        return _smoothstep((field * (0.5 + 0.7 * patches) - 0.25) / 0.5)
+    if label == "nodules_upper":
+        return _small_discs(rng, x, y, int(rng.integers(3, 8)), (-0.75, -0.15), ring=False)
+    if label == "nodules_lower":
+        return _small_discs(rng, x, y, int(rng.integers(3, 8)), (0.15, 0.75), ring=False)
+    if label == "rings":
+        return _small_discs(rng, x, y, int(rng.integers(2, 6)), (-0.75, 0.75), ring=True)
+    if label == "bands":  # parallel (slightly curved) bands over part of the image
+        theta = rng.uniform(0.0, math.pi)
+        along = x * math.cos(theta) + y * math.sin(theta)
+        across = -x * math.sin(theta) + y * math.cos(theta)
+        bend = rng.uniform(-0.4, 0.4)
+        period = rng.uniform(0.1, 0.22)
+        waves = 0.5 + 0.5 * np.cos(
+            2 * math.pi * (along + bend * across**2) / period + rng.uniform(0, 2 * math.pi)
+        )
+        region = _soft_blob(x, y, *rng.uniform(-0.4, 0.4, size=2), *rng.uniform(0.3, 0.6, size=2))
+        return (waves**2 * np.minimum(region * 1.5, 1.0)).astype(np.float32)
+    if label == "large_shape":  # a disc, square or triangle with sharp edges
+        cx, cy = rng.uniform(-0.4, 0.4, size=2)
+        radius = rng.uniform(0.2, 0.45)
+        angle = rng.uniform(0.0, 2 * math.pi)
+        u = (x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)
+        v = -(x - cx) * math.sin(angle) + (y - cy) * math.cos(angle)
+        edge = max(3.0 / size, 0.01)
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            return _ramp(radius - np.sqrt(u * u + v * v), edge)
+        if kind == 1:
+            return _ramp(0.8 * radius - np.maximum(np.abs(u), np.abs(v)), edge)
+        shape = np.ones((size, size), dtype=np.float32)
         for k in range(3):
             phi = 2 * math.pi * k / 3
             shape = shape * _ramp(0.5 * radius - (u * math.cos(phi) + v * math.sin(phi)), edge)
-    elif label == "checkerboard":
-        period = float(rng.uniform(0.16, 0.4))
-        shape = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
-    elif label == "blobs":
-        shape = np.zeros_like(u)
-        for _ in range(int(rng.integers(5, 11))):
-            bx, by = rng.uniform(-0.85, 0.85, size=2)
-            r = float(rng.uniform(0.04, 0.1))
-            shape = np.maximum(shape, _ramp(r - np.sqrt((x - bx) ** 2 + (y - by) ** 2), edge))
-    else:
-        base = {"stripes_horizontal": 90.0, "stripes_vertical": 0.0, "stripes_diagonal": 45.0}[label]
-        if label == "stripes_diagonal" and rng.random() < 0.5:
-            base = 135.0
-        theta = math.radians(base + rng.normal(0.0, 6.0))
-        period = float(rng.uniform(0.12, 0.3))
-        phase = float(rng.uniform(0, 2 * math.pi))
-        shape = 0.5 + 0.5 * np.sin(2 * math.pi * (x * math.cos(theta) + y * math.sin(theta)) / period + phase)
-    image = background + contrast * shape
-    image = image + rng.standard_normal(image.shape, dtype=np.float32) * float(rng.uniform(0.01, 0.04))
+        return shape
+    raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
+
+
+def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One image of the source task: the pattern of class ``label`` (``SOURCE_CLASSES``) added, brighter, to
+    a varied smooth background, then exposure (gain, gamma) and noise. Returns float32 [S, S] in [0, 1].
+
+    The patterns are the kinds of structure the chest phantoms' lesions are made of, at their scales (a dense
+    patch, faint bilateral haze, reticular texture, lower peripheral patches, small nodules up or down, rings,
+    bands, large shapes), with faint to strong amplitude, but on non-anatomical backgrounds: a different task
+    whose features transfer."""
+    if label not in SOURCE_CLASSES:
+        raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
+    background = _source_background(rng, size)
+    pattern = _source_pattern(label, rng, size)
+    amplitude = rng.uniform(0.08, 0.3)
+    image = np.clip(background + amplitude * pattern, 1e-3, 1.0) ** rng.uniform(0.85, 1.15)
+    image = image * rng.uniform(0.9, 1.1) + rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(
+        0.008, 0.03
+    )
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -588,7 +694,7 @@ def phantom_params(n: int, size: int, seed: int, shortcut_marker: float = 0.0, k
         "size": int(size),
         "seed": int(seed),
         "shortcut_marker": float(shortcut_marker),
-        "version": PHANTOM_VERSION,
+        "version": SOURCE_VERSION if kind == "source" else PHANTOM_VERSION,
     }
 
 

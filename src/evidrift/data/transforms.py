@@ -3,16 +3,20 @@
 Resizing keeps the aspect ratio: ``pad`` scales the longer side to S and pads the shorter one symmetrically
 with 0 (black, like the air around a radiograph); ``crop`` scales the shorter side to S and cuts the centre.
 Training augmentation (``augment=True``) is a small random affine map (rotation ±``max_rotation`` degrees,
-scale ×[1 − s, 1 + s], translation ±``max_translate`` of the side) applied with the *same* sampling grid to
-the image (bilinear) and its mask (nearest), then brightness (±``max_brightness``) and contrast
-(×[1 − c, 1 + c] about the image mean) on the image only. All random numbers come from the given
-``torch.Generator``, so an augmentation is reproducible by seed.
+scale ×[1 − s, 1 + s], translation ±``max_translate`` of the side) applied to the already-resized image and
+its mask in *one* ``grid_sample`` call (the mask is the second channel, sampled bilinearly and thresholded at
+0.5, so it moves exactly with the image), then brightness (±``max_brightness``) and contrast (×[1 − c, 1 + c]
+about the image mean) on the image only, as one multiply-add. All random numbers come from the given
+``torch.Generator``, so an augmentation is reproducible by seed (``ManifestDataset`` seeds one per
+(seed, epoch, index)). The work runs on one intra-op thread (see ``single_thread``): ~1-3 ms per image at
+96-256 px instead of tens of ms on a loaded 2-core machine (``benchmarks/transforms.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +60,38 @@ def resize_image(image: torch.Tensor, size: int, mode: str = "pad", is_mask: boo
     return resized[..., top : top + size, left : left + size]
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(1)``, restored after (a no-op when already 1).
+
+    One image is far too small to gain from intra-op threads, and on a loaded machine every parallel region
+    of a small kernel waits for busy cores: measured on 2 shared cores, ``Preprocess`` took 30-60 ms per image
+    with 2 threads and 0.5-2.5 ms with 1 (``benchmarks/transforms.py``). The setting is the calling thread's
+    OpenMP one; DataLoader workers already run with 1 thread."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def affine_theta(
+    draws: torch.Tensor, max_rotation: float = 5.0, max_scale: float = 0.05, max_translate: float = 0.04
+) -> torch.Tensor:
+    """The [1, 2, 3] float32 matrix of ``F.affine_grid`` for 4 draws in [-1, 1] (rotation, scale, x and y
+    translation): rotation ±``max_rotation`` degrees, scale ×[1 − s, 1 + s], shift ±``max_translate`` of the
+    side (the grid maps output to input coordinates, so the content is scaled by ``scale``)."""
+    angle = math.radians(float(draws[0]) * max_rotation)
+    scale = 1.0 + float(draws[1]) * max_scale
+    tx, ty = float(draws[2]) * max_translate * 2.0, float(draws[3]) * max_translate * 2.0
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    return torch.tensor([[[cos, -sin, tx], [sin, cos, ty]]], dtype=torch.float32)
+
+
 def random_affine_grid(
     size: int,
     generator: torch.Generator | None,
@@ -65,11 +101,7 @@ def random_affine_grid(
 ) -> torch.Tensor:
     """A sampling grid [1, S, S, 2] for ``F.grid_sample`` of a random small affine map (see module doc)."""
     draws = torch.rand(4, generator=generator, dtype=torch.float64) * 2.0 - 1.0
-    angle = math.radians(float(draws[0]) * max_rotation)
-    scale = 1.0 + float(draws[1]) * max_scale
-    tx, ty = float(draws[2]) * max_translate * 2.0, float(draws[3]) * max_translate * 2.0
-    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-    theta = torch.tensor([[[cos, -sin, tx], [sin, cos, ty]]], dtype=torch.float32)
+    theta = affine_theta(draws, max_rotation, max_scale, max_translate)
     return F.affine_grid(theta, [1, 1, size, size], align_corners=False)
 
 
@@ -79,6 +111,11 @@ class Preprocess:
     ``size``: output side; ``resize``: ``pad`` or ``crop``; ``mean``/``std``: per-channel normalization
     (ImageNet's by default); ``augment``: random affine + brightness/contrast (training only); ``seed``: used
     when a call gives no generator (then successive calls draw successive augmentations).
+
+    Cost: image and mask travel as the two channels of one tensor [1, 2, H, W]: one resize, one
+    ``grid_sample`` (bilinear; the mask channel is thresholded at 0.5 afterwards, so it stays the exact
+    warped region of the resized mask), brightness/contrast folded into one multiply-add, and the
+    normalization to 3 channels as one broadcast multiply-add; all of it on one intra-op thread.
     """
 
     def __init__(
@@ -105,6 +142,9 @@ class Preprocess:
         self.resize = resize
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+        # (x − mean) / std = x · scale + shift, one fused op
+        self._scale = 1.0 / self.std
+        self._shift = -self.mean / self.std
         self.augment = augment
         self.max_rotation, self.max_scale, self.max_translate = max_rotation, max_scale, max_translate
         self.max_brightness, self.max_contrast = max_brightness, max_contrast
@@ -116,28 +156,36 @@ class Preprocess:
         mask: np.ndarray | torch.Tensor | None = None,
         rng: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pixels = resize_image(_as_tensor(image), self.size, self.resize)
-        target = None
-        if mask is not None:
-            binary = torch.as_tensor(np.asarray(mask)).to(torch.float32)
-            target = resize_image(_as_tensor(binary), self.size, self.resize, is_mask=True)
-        if self.augment:
-            generator = rng if rng is not None else self._generator
-            grid = random_affine_grid(
-                self.size, generator, self.max_rotation, self.max_scale, self.max_translate
-            )
-            pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            if target is not None:
-                target = F.grid_sample(
-                    target, grid, mode="nearest", padding_mode="zeros", align_corners=False
+        with single_thread():
+            planes = _as_tensor(image)
+            if mask is not None:
+                binary = _as_tensor(torch.as_tensor(np.asarray(mask)))
+                if binary.shape != planes.shape:
+                    raise ValueError(
+                        f"mask shape {tuple(binary.shape[-2:])} differs from image shape "
+                        f"{tuple(planes.shape[-2:])}; pass the mask of this image"
+                    )
+                planes = torch.cat([planes, binary], dim=1)  # [1, 2, H, W]
+            planes = resize_image(planes, self.size, self.resize)
+            if self.augment:
+                generator = rng if rng is not None else self._generator
+                grid = random_affine_grid(
+                    self.size, generator, self.max_rotation, self.max_scale, self.max_translate
                 )
-            draws = torch.rand(2, generator=generator, dtype=torch.float64) * 2.0 - 1.0
-            brightness = float(draws[0]) * self.max_brightness
-            contrast = 1.0 + float(draws[1]) * self.max_contrast
-            mean = pixels.mean()
-            pixels = ((pixels - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
-        tensor = (pixels[0].expand(3, -1, -1) - self.mean) / self.std
-        return tensor.contiguous(), (target[0, 0].contiguous() if target is not None else None)
+                planes = F.grid_sample(
+                    planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+                )
+            pixels = planes[0, 0]
+            if self.augment:
+                draws = torch.rand(2, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+                brightness = float(draws[0]) * self.max_brightness
+                contrast = 1.0 + float(draws[1]) * self.max_contrast
+                # (x − m)·c + m + b = x·c + (m·(1 − c) + b), clamped to [0, 1]
+                offset = float(pixels.mean()) * (1.0 - contrast) + brightness
+                pixels = torch.clamp(pixels * contrast + offset, 0.0, 1.0)
+            tensor = torch.addcmul(self._shift, pixels, self._scale)  # [3, S, S]
+            target = (planes[0, 1] >= 0.5).to(torch.float32) if mask is not None else None
+        return tensor, target
 
 
 def to_model_input(

@@ -224,6 +224,16 @@ class AnalysisMaps:
         return torch.where(self.degenerate, torch.ones_like(total), total)
 
     @cached_property
+    def sum_squares(self) -> Tensor:
+        """Σ m² per map, float64 [N] (float32 squares, float64 sum)."""
+        return (self.flat * self.flat).sum(dim=1, dtype=torch.float64)
+
+    @cached_property
+    def rank_sum_squares(self) -> Tensor:
+        """Σ rank² per map, float64 [N]."""
+        return (self.ranks * self.ranks).sum(dim=1)
+
+    @cached_property
     def p(self) -> Tensor:
         """Sum-to-one maps, float32 [N, H, W] (zeros for degenerate maps)."""
         return self.m / self.total.float()[:, None, None]
@@ -320,7 +330,8 @@ def share_sort(*batches: AnalysisMaps) -> None:
     if not todo:
         return
     s, r = sort_and_rank(torch.cat([m.flat for m in todo]))
-    for m, s_part, r_part in zip(todo, s.split([m.n for m in todo]), r.split([m.n for m in todo]), strict=True):
+    sizes = [m.n for m in todo]
+    for m, s_part, r_part in zip(todo, s.split(sizes), r.split(sizes), strict=True):
         m.__dict__["sorted_and_ranks"] = (s_part.to(m.device), r_part.to(m.device))
 
 

@@ -14,7 +14,8 @@ Definitions (choices the design leaves open are stated here and in the README's 
 - ``zone_agreement``: 1.0 if the zone of largest p-mass (``rows × cols`` grid over the whole image, default
   3 × 2, first zone in row-major order on ties) is the same, else 0.0.
   ``zone_tv`` = ½ Σ_z |z_a − z_b| ∈ [0, 1].
-- ``pearson`` / ``cosine`` on the clipped maps m; ``spearman`` = Pearson of tie-averaged ranks of m.
+- ``pearson`` / ``cosine`` on the clipped maps m (float32 products, float64 sums; Pearson from raw moments in
+  float64); ``spearman`` = Pearson of tie-averaged ranks of m.
   Pearson and Spearman are NaN for a constant map (zero variance).
 - ``ssim``: on q_a, q_b; Gaussian window σ = 1.5 truncated at 3.5σ (11 taps), data range 1, K1 = 0.01,
   K2 = 0.03, population covariance, mean over the pixels at least 5 from the border (scikit-image's
@@ -144,46 +145,52 @@ def zone_tv(a: MapsLike, b: MapsLike, grid: tuple[int, int] = DEFAULT_ZONE_GRID)
 
 
 # --- correlation --------------------------------------------------------------------------------------------
-def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
-    """Pearson r of rows, float64 accumulation, clamped to [−1, 1]."""
-    x = x.double()
-    y = y.double()
-    x = x - x.mean(dim=1, keepdim=True)
-    y = y - y.mean(dim=1, keepdim=True)
-    num = (x * y).sum(dim=1)
-    den = torch.sqrt((x * x).sum(dim=1) * (y * y).sum(dim=1))
-    den = torch.where(den > 0, den, torch.ones_like(den))
-    return (num / den).clamp(-1.0, 1.0)
+def _moments(a: AnalysisMaps, b: AnalysisMaps) -> tuple[Tensor, Tensor, Tensor]:
+    """Σ a², Σ b², Σ a·b of the flattened clipped maps, float64 [N] (float32 products, float64 sums)."""
+    key = ("moments", id(b))
+    cached = a.cache.get(key)
+    if cached is None:
+        cross = (a.flat * b.flat).sum(dim=1, dtype=torch.float64)
+        cached = (a.sum_squares, b.sum_squares, cross)
+        a.cache[key] = cached
+    return cached
+
+
+def _correlation(sxy: Tensor, sxx: Tensor, syy: Tensor, mx: Tensor, my: Tensor, n: int) -> Tensor:
+    """Pearson r from raw moments (float64), clamped to [−1, 1]; 0 where a variance is 0."""
+    cov = sxy / n - mx * my
+    vx = (sxx / n - mx * mx).clamp_min(0.0)
+    vy = (syy / n - my * my).clamp_min(0.0)
+    den = torch.sqrt(vx * vy)
+    return (cov / torch.where(den > 0, den, torch.ones_like(den))).clamp(-1.0, 1.0)
 
 
 def pearson(a: MapsLike, b: MapsLike) -> Tensor:
     """Pearson correlation of the flattened maps, float64 [N] in [−1, 1]; NaN for constant maps."""
     a, b = _pair(a, b)
-    return nan_where(_pearson_rows(a.flat, b.flat), _broken(a, b, needs_spread=True))
+    saa, sbb, sab = _moments(a, b)
+    n = a.pixels
+    r = _correlation(sab, saa, sbb, a.total / n, b.total / n, n)
+    return nan_where(r, _broken(a, b, needs_spread=True))
 
 
 def spearman(a: MapsLike, b: MapsLike) -> Tensor:
     """Spearman correlation (Pearson of tie-averaged ranks), float64 [N] in [−1, 1]; NaN for constant maps."""
     a, b = _pair(a, b)
-    ra, rb = a.ranks, b.ranks
-    n = ra.shape[1]
-    mean = (n + 1) / 2.0
-    ca = ra - mean
-    cb = rb - mean
-    num = (ca * cb).sum(dim=1)
-    den = torch.sqrt((ca * ca).sum(dim=1) * (cb * cb).sum(dim=1))
-    den = torch.where(den > 0, den, torch.ones_like(den))
-    return nan_where((num / den).clamp(-1.0, 1.0), _broken(a, b, needs_spread=True))
+    n = a.pixels
+    mean = torch.full((a.n,), (n + 1) / 2.0, dtype=torch.float64, device=a.device)
+    cross = (a.ranks * b.ranks).sum(dim=1)
+    r = _correlation(cross, a.rank_sum_squares, b.rank_sum_squares, mean, mean, n)
+    return nan_where(r, _broken(a, b, needs_spread=True))
 
 
 def cosine(a: MapsLike, b: MapsLike) -> Tensor:
     """Cosine similarity of the flattened clipped maps, float64 [N] in [0, 1]."""
     a, b = _pair(a, b)
-    x, y = a.flat.double(), b.flat.double()
-    num = (x * y).sum(dim=1)
-    den = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)
-    den = torch.where(den > 0, den, torch.ones_like(den))
-    return nan_where((num / den).clamp(0.0, 1.0), _broken(a, b))
+    saa, sbb, sab = _moments(a, b)
+    den = torch.sqrt(saa * sbb)
+    value = (sab / torch.where(den > 0, den, torch.ones_like(den))).clamp(0.0, 1.0)
+    return nan_where(value, _broken(a, b))
 
 
 def ssim(a: MapsLike, b: MapsLike) -> Tensor:
@@ -369,9 +376,10 @@ def compare(
     ``metrics``: names (aliases and ``@k`` accepted; None = ``default_metric_names()``); ``size``: analysis
     size (int or (H, W); None = the larger of the two inputs' sizes). Pairs are processed ``chunk_size`` at a
     time on the tensors' device; on CPU, ``torch.get_num_threads()`` chunks run at once, each with
-    single-threaded torch ops (the thread count is restored on return). Returns a DataFrame with one row per pair: one float64 column per metric
-    (canonical names, NaN where a map breaks the metric), ``degenerate`` (bool: either map non-finite, all
-    zero or constant) and ``degenerate_reason`` (str, '' when not degenerate). Never raises for bad maps.
+    single-threaded torch ops (the thread count is restored on return).
+    Returns a DataFrame with one row per pair: one float64 column per metric (canonical names, NaN where a map
+    breaks the metric), ``degenerate`` (bool: either map non-finite, all zero or constant) and
+    ``degenerate_reason`` (str, '' when not degenerate). Never raises for bad maps.
     """
     if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
         raise ValueError(

@@ -96,6 +96,7 @@ class Section:
     figures: list[FigureRef] = field(default_factory=list)
     groups: list[tuple[str, list[FigureRef]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
     details: list[tuple[str, Table]] = field(default_factory=list)
 
 
@@ -183,25 +184,16 @@ def environment() -> Environment:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the libraries the results depend on."""
-    import matplotlib
-    import scipy
-    import sklearn
-    import timm
+    """Versions of Python and the libraries the results depend on (installed distributions' metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    import evidrift
-
-    return {
-        "evidrift": evidrift.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "pandas": pd.__version__,
-        "matplotlib": matplotlib.__version__,
-    }
+    out = {"python": platform.python_version()}
+    for name in ("evidrift", "torch", "timm", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 # --- sections -----------------------------------------------------------------------------------------------
@@ -683,6 +675,61 @@ def degenerate_section(
     return section
 
 
+def overview_section(
+    paths: RunPaths,
+    summary: pd.DataFrame | None,
+    reversals: pd.DataFrame | None,
+    drift: pd.DataFrame | None,
+    archs: list[str],
+    stage_labels: tuple[str, str],
+) -> Section:
+    """The findings in a few sentences: accuracy per stage, the headline drift per architecture (range over
+    methods), the rank reversals and the degenerate maps."""
+    section = Section("overview", "At a glance", "Overview")
+    table = _read_csv(paths.root / "eval" / "classification.csv")
+    if summary is None or summary.empty:
+        section.notes.append("The drift step has not run yet.")
+        return section
+    low, high = ci_columns(summary)
+    headline = next(
+        (m for m in ("topk_iou@0.2", "topk_iou@0.1", "spearman") if m in set(summary["metric"])), None
+    )
+    for arch in archs:
+        parts = [arch + ":"]
+        if table is not None and not table.empty:
+            acc = table[table["arch"].astype(str) == arch].set_index("stage")["accuracy"]
+            if 1 in acc.index and 2 in acc.index:
+                first, second = (label.split(" (")[0] for label in stage_labels)
+                parts.append(f"accuracy {_fmt(acc[1], 2)} at {first} → {_fmt(acc[2], 2)} at {second};")
+        for metric in [m for m in (headline, "centroid_shift") if m]:
+            rows = summary[(summary["arch"] == arch) & (summary["metric"] == metric)].dropna(subset=["mean"])
+            if rows.empty:
+                continue
+            lo, hi = rows.loc[rows["mean"].idxmin()], rows.loc[rows["mean"].idxmax()]
+            if len(rows) == 1:
+                parts.append(f"{metric} {_ci(lo['mean'], lo[low], lo[high], 2)} under {lo['method']};")
+            else:
+                parts.append(
+                    f"{metric} from {_fmt(lo['mean'], 2)} ({lo['method']}) "
+                    f"to {_fmt(hi['mean'], 2)} ({hi['method']});"
+                )
+        section.bullets.append(" ".join(parts).rstrip(";") + ".")
+    if len(archs) > 1 and reversals is not None:
+        sig_cols = [c for c in reversals.columns if c.startswith("significant")]
+        both = int(reversals[sig_cols].astype(bool).all(axis=1).sum()) if sig_cols and len(reversals) else 0
+        section.bullets.append(
+            f"{len(reversals)} rank reversal{'s' * (len(reversals) != 1)} between CAM methods "
+            f"({both} with a significant difference under both methods): see Rankings."
+        )
+    if drift is not None and "degenerate" in drift.columns:
+        flagged = int(drift["degenerate"].astype(bool).sum())
+        section.bullets.append(
+            f"{flagged} of {len(drift)} map pairs have a degenerate map "
+            "(their metrics are NaN and left out of the statistics)."
+        )
+    return section
+
+
 def _archs_methods(
     config: StudyConfig, paths: RunPaths, drift: pd.DataFrame | None
 ) -> tuple[list[str], list[str]]:
@@ -722,11 +769,13 @@ def build_report(
     summary = _read_csv(paths.summary)
     archs, methods = _archs_methods(config, paths, drift)
     stage_map = {1: stage_labels[0], 2: stage_labels[1]}
+    reversals = _read_csv(paths.reversals)
     sections = [
+        overview_section(paths, summary, reversals, drift, archs, stage_labels),
         dataset_section(paths),
         classification_section(paths, stage_map, draw),
         drift_summary_section(summary, drift, archs, methods, stage_labels),
-        ranking_section(_read_csv(paths.rankings), _read_csv(paths.reversals), archs, methods, draw),
+        ranking_section(_read_csv(paths.rankings), reversals, archs, methods, draw),
         distribution_section(drift, archs, methods, draw),
         overlay_section(
             paths, drift, archs, methods, config.report.examples, config.data.resize, stage_labels, draw
