@@ -141,8 +141,8 @@ def test_source_set_has_all_classes_and_is_deterministic(tmp_path: Path) -> None
 
 
 def _pattern_stats(label: str, seeds: range, size: int = 64) -> list[tuple[float, float, float, float]]:
-    """Per seed: (mass, share of the pattern's mass in the upper half, in the left half, mean of its
-    ≥ 0.5 part's row in [0, 1]) of a source class's pattern."""
+    """Per seed: (mean value, share of the pattern's mass in the upper half, share in the left half, peak
+    value) of a source class's pattern."""
     stats = []
     for seed in seeds:
         pattern = _source_pattern(label, np.random.default_rng(seed), size).astype(np.float64)

@@ -59,6 +59,7 @@ from evidrift.config import (
     HeadConfig,
     ModelConfig,
     ProbeConfig,
+    SanityConfig,
     StageConfig,
     StudyConfig,
     load_config,
@@ -857,38 +858,19 @@ def best_variants(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def quick_config(out: str | os.PathLike[str]) -> StudyConfig:
-    """The ``--quick`` study of ``evidrift probe`` / ``evidrift sanity``: 250 phantoms at 96 px, one small
-    architecture (resnet18 at 96 px) pretrained for 10 epochs on the 400-image source set (stage 0), then
-    stages 1 and 2; the probe uses the fine-tuned (stage-2) backbone, because the synthetic source task
-    transfers too poorly for confident probes (linear probes on the stage-0 features reach about 35%
-    accuracy on the five classes); heads trained 30 epochs on cached features, 20 grids of each size, 8
-    images for the sanity checks."""
-    return parse_config(
-        {
-            "data": {
-                "source": "phantom",
-                "phantom": {"n": 250, "size": 96, "n_source": 400},
-                "split": {"val": 0.15, "test": 0.3},
-            },
-            "models": [{"arch": "resnet18", "image_size": 96}],
-            "train": {
-                "stage0": {
-                    "epochs": 10,
-                    "lr": 0.003,
-                    "batch_size": 16,
-                    "monitor": "val_accuracy",
-                    "warmup_epochs": 0.5,
-                },
-                "stage1": {"epochs": 10, "lr": 0.003, "batch_size": 32, "cache_features": True},
-                "stage2": {"epochs": 6, "lr": 0.001, "batch_size": 16, "warmup_epochs": 0.5},
-            },
-            "probe": {"backbone": "finetuned", "epochs": 30, "n_grids": 20, "batch_size": 32},
-            "sanity": {"n_images": 8},
-            "stats": {"n_boot": 1000},
-            "output": {"dir": str(Path(out).resolve())},
-        },
-        "the --quick preset",
+    """The ``--quick`` study of ``evidrift probe`` / ``evidrift sanity``: the quick demo preset
+    (``presets.demo_config(quick=True)``: 60 phantoms, resnet18 at 64 px, one stage-0 epoch; a rerun in the
+    same folder reuses its stage 0) with short probes (20 epochs, 10 grids of each size) and 8 images for
+    the sanity checks. Its backbone classifies near chance, so its grids take every test image that every
+    variant classifies correctly (``confidence: 0``): a smoke run of every step, not a result."""
+    from evidrift.presets import demo_config
+
+    config = demo_config(quick=True, out=Path(out).resolve())
+    config.probe = ProbeConfig(
+        epochs=20, n_grids=10, batch_size=16, confidence=0.0, methods=["gradcam", "layercam"]
     )
+    config.sanity = SanityConfig(n_images=8, methods=["gradcam", "layercam"])
+    return config
 
 
 def probing_config(

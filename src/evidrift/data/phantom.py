@@ -430,7 +430,7 @@ def _small_discs(
         radius = rng.uniform(0.025, 0.07)
         r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / radius
         if ring:
-            shape = 0.25 * _ramp(1.2 - r, 0.3) + np.exp(-0.5 * ((r - 1.0) / 0.2) ** 2) * (r < 1.6)
+            shape = np.maximum(0.25 * _ramp(1.2 - r, 0.3), np.exp(-0.5 * ((r - 1.0) / 0.2) ** 2) * (r < 1.6))
         else:
             shape = _ramp(1.0 - r, 0.4)
         field = np.maximum(field, shape.astype(np.float32))

@@ -196,6 +196,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def step_times(paths: RunPaths) -> str:
+    """Step timings from the markers, e.g. "data 1.2 s · stage0 40.1 s" (wall-clock seconds of each step)."""
+    parts = []
+    for marker in sorted(paths.root.glob("steps/*.json"), key=lambda p: p.stat().st_mtime):
+        if marker.name.endswith(".started.json"):
+            continue
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "seconds" in record:
+            parts.append(f"{record.get('step', marker.stem)} {float(record['seconds']):.1f} s")
+    return " · ".join(parts)
+
+
 # --- sections -----------------------------------------------------------------------------------------------
 def dataset_section(paths: RunPaths) -> Section:
     """Classes × splits counts (usable images), and the skipped files with their reasons."""
@@ -801,6 +816,7 @@ def build_report(
         "extra_html": Markup(extra),
         "config_text": config_text,
         "footer": {
+            "steps": step_times(paths),
             "versions": versions(),
             "seed": config.seed,
             "config_hash": study_hash(config),
