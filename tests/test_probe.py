@@ -167,7 +167,7 @@ def test_every_head_variant_trains_on_cached_features(tmp_path: Path) -> None:
     labels = features[:, :3].argmax(1)  # 3 classes, linearly separable through the origin
     train = CachedSplit(features[:36], labels[:36])
     val = CachedSplit(features[36:], labels[36:])
-    config = parse_config({"probe": {"epochs": 8, "lr": 0.05, "batch_size": 12, "hidden": 8}})
+    config = parse_config({"probe": {"epochs": 4, "lr": 0.1, "batch_size": 12, "hidden": 8}})
     for variant in probe_variants(config.probe.losses, config.probe.heads):
         work = tmp_path / variant.name
         head = train_probe_head(

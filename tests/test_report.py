@@ -330,3 +330,22 @@ def test_report_renders_in_headless_chromium(synthetic_report: Path, tmp_path: P
     assert header.mean() < 120
     body = pixels[200:, :, :]
     assert body.std() > 20  # figures and tables, not a blank page
+
+
+def test_report_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from evidrift.cli import app
+
+    paths = make_synthetic_run(
+        tmp_path / "run",
+        classes=("normal", "covid19"),
+        archs=("resnet18",),
+        methods=("gradcam",),
+        per_class=2,
+    )
+    result = CliRunner().invoke(app, ["report", str(paths.root)])
+    assert result.exit_code == 0, result.output
+    assert str(paths.report.resolve()) in "".join(result.output.split())
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "is not a directory" in missing.output

@@ -472,7 +472,7 @@ def _ci_text(mean: float, low: float, high: float) -> str:
 def probe(
     study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="phantom data, resnet18 at 96 px, a few minutes on 2 CPU cores")
+        bool, typer.Option("--quick", help="smoke run: the quick demo preset (phantoms, resnet18 at 64 px)")
     ] = False,
     out: Annotated[
         Path | None,
@@ -530,7 +530,7 @@ def probe(
 def sanity(
     study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="phantom data, resnet18 at 96 px, a few minutes on 2 CPU cores")
+        bool, typer.Option("--quick", help="smoke run: the quick demo preset (phantoms, resnet18 at 64 px)")
     ] = False,
     out: Annotated[
         Path | None,

@@ -7,7 +7,7 @@ maps are written to the maps store (DESIGN § 3) in shards of ``explain.shard_si
 ``maps/{arch}/stage{s}/{name}.part{k}.safetensors``; ``name`` is the method (with several CAM layers:
 ``{method}@{layer}``; ``ms-*`` fusions keep their name). Each shard's metadata holds the ids, layer(s),
 ``input_size``, ``target``/``score``, the explained classes (``targets``), degenerate flags and a ``tag``
-(hash of everything the maps depend on).
+(hash of the explain settings, layers, weights and input size).
 
 Resumable: a shard whose files all exist with the expected ids and tag is skipped, so a killed run redoes at
 most one shard. Memory holds one shard of maps, never the dataset. Under ``torchrun`` rank r explains the
@@ -52,8 +52,8 @@ def select_samples(
     """Rows of the ``test`` manifest frame to explain, in manifest order.
 
     ``all``: every row. ``tp_both`` / ``tp_any``: rows whose id the evaluation ``table`` (columns id, label,
-    pred_stage1, pred_stage2) marks correct at both / at least one stage. Raises FileNotFoundError-style
-    ValueError when the table is needed but missing, and ValueError for an unknown rule.
+    pred_stage1, pred_stage2) marks correct at both / at least one stage. Raises ValueError when the table
+    is needed but missing, or for an unknown rule.
     """
     if samples == "all":
         chosen = test
@@ -163,7 +163,6 @@ def explain_run(
             "explain": cfg.model_dump(mode="json"),
             "layers": layers,
             "weights": meta.get("weights_sha256") or file_sha256(checkpoint),
-            "ids": ids,
             "size": size,
         }
     )

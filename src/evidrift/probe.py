@@ -63,7 +63,6 @@ from evidrift.config import (
     StageConfig,
     StudyConfig,
     load_config,
-    parse_config,
 )
 from evidrift.distributed import Context
 from evidrift.evaluate import TensorFeed, probabilities
