@@ -167,10 +167,17 @@ def test_source_patterns_have_the_placement_and_scale_their_class_says() -> None
     assert all(left > 0.9 or left < 0.1 for _, _, left, _ in _pattern_stats("dense_patch", seeds))  # one side
     assert all(0.2 < left < 0.8 for _, _, left, _ in _pattern_stats("haze_bilateral", seeds))  # both sides
     assert all(0.2 < left < 0.8 for _, _, left, _ in _pattern_stats("patchy_lower", seeds))
-    # small nodules cover little, the dense patch and the large shape much more
-    nodules = np.mean([m for m, *_ in _pattern_stats("nodules_upper", seeds)])
-    patch = np.mean([m for m, *_ in _pattern_stats("dense_patch", seeds)])
-    assert patch > 3 * nodules
+    # scale: a nodule or ring covers < 1% of the image (some may touch), a dense patch > 3%
+    from scipy import ndimage
+
+    def component_areas(label: str, seed: int) -> np.ndarray:
+        parts, _ = ndimage.label(_source_pattern(label, np.random.default_rng(seed), 64) >= 0.5)
+        return np.bincount(parts.ravel())[1:] / parts.size
+
+    for seed in seeds:
+        assert 0 < component_areas("nodules_upper", seed).min() < 0.01
+        assert 0 < component_areas("rings", seed).min() < 0.01
+        assert component_areas("dense_patch", seed).max() > 0.03
 
 
 def test_write_preview_writes_a_png(tiny_phantom_set: Path, tmp_path: Path) -> None:

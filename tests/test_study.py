@@ -122,9 +122,19 @@ def test_run_skips_done_steps_resumes_after_a_failure_and_forces(tmp_path: Path)
     assert [p.name for p in (paths.root / "maps").iterdir()] == ["1.part"]
 
 
-def test_unknown_until_is_an_error(tmp_path: Path) -> None:
+def test_unknown_names_fail_before_any_step(tmp_path: Path) -> None:
+    rec = Recorder()
     with pytest.raises(ValueError, match="--until 'nope'"):
-        run_study(parse_config({}), RunPaths.at(tmp_path), until="nope", runners=Recorder().runners())
+        run_study(parse_config({}), RunPaths.at(tmp_path), until="nope", runners=rec.runners())
+    with pytest.raises(ValueError, match=r"explain\.methods: unknown CAM method 'gradcamm'"):
+        run_study(
+            parse_config({"explain": {"methods": ["gradcamm"]}}), RunPaths.at(tmp_path), runners=rec.runners()
+        )
+    with pytest.raises(ValueError, match=r"drift\.metrics: unknown drift metric 'ioux'"):
+        run_study(
+            parse_config({"drift": {"metrics": ["ioux"]}}), RunPaths.at(tmp_path), runners=rec.runners()
+        )
+    assert rec.calls == []
 
 
 # --- kill and resume, the real pipeline ---------------------------------------------------------------------

@@ -510,14 +510,15 @@ def probe(
         )
     console.print(table)
     best = best_variants(summary)
-    table = Table(title="best-localizing variant per method and metric (mean [95% CI]; runner-up)")
-    for column in ("arch", "method", "metric", "best variant", "mean [CI]", "runner-up"):
-        table.add_column(column)
-    for _, row in best.iterrows():
-        runner = f"{row['runner_up']} {row['runner_up_mean']:.3f}" if row["runner_up"] else "-"
-        cells = [str(row[c]) for c in ("arch", "method", "metric", "variant")]
-        table.add_row(*cells, _ci_text(row["mean"], row["ci_low"], row["ci_high"]), runner)
-    console.print(table)
+    for arch, part in best.groupby("arch", sort=False):
+        table = Table(title=f"{arch}: best-localizing variant (mean [95% CI]; runner-up mean)")
+        for column in ("metric", "method", "best", "mean [CI]", "runner-up"):
+            table.add_column(column)
+        for _, row in part.iterrows():
+            runner = f"{row['runner_up']} {row['runner_up_mean']:.3f}" if row["runner_up"] else "-"
+            ci = _ci_text(row["mean"], row["ci_low"], row["ci_high"])
+            table.add_row(str(row["metric"]), str(row["method"]), str(row["variant"]), ci, runner)
+        console.print(table)
     significant = int(pairs["significant"].sum()) if len(pairs) else 0
     console.print(f"paired Wilcoxon tests between variants (Holm): {significant} of {len(pairs)} significant")
     console.print(
@@ -560,14 +561,24 @@ def sanity(
         figures = write_sanity_figures(summary, paths.figures_dir)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
-    last = summary.loc[summary.groupby(["arch", "mode", "method", "metric"])["step"].idxmax()]
-    table = Table(title="similarity to the original maps after the last randomization step (mean [95% CI])")
-    for column in ("arch", "mode", "method", "metric", "last block", "similarity"):
-        table.add_column(column)
-    for _, row in last.iterrows():
-        cells = [str(row[c]) for c in ("arch", "mode", "method", "metric", "block")]
-        table.add_row(*cells, _ci_text(row["mean"], row["ci_low"], row["ci_high"]))
-    console.print(table)
+    short = {
+        "spearman_abs": "rho",
+        "spearman_signed": "rho signed",
+        "ssim": "ssim",
+        "topk_iou@0.2": "iou@0.2",
+        "hog_spearman": "rho HOG",
+    }
+    for mode, part in summary.groupby("mode", sort=True):
+        last = part.loc[part.groupby(["arch", "method", "metric"])["step"].idxmax()]
+        wide = last.pivot_table(index=["arch", "method"], columns="metric", values="mean", sort=False)
+        wide = wide[[m for m in short if m in wide.columns]]
+        table = Table(title=f"{mode}: similarity to the original maps after the last step (mean)")
+        for column in ("arch", "method", *(short[m] for m in wide.columns)):
+            table.add_column(column)
+        for (arch, method), values in wide.iterrows():
+            table.add_row(str(arch), str(method), *(f"{v:.3f}" for v in values))
+        console.print(table)
+    console.print(f"CIs and every step: {paths.root / 'sanity_summary.csv'}", highlight=False)
     failed = [c for c in checks if not c["passed"]]
     for check in failed:
         where = f"{check['arch']} {check['method']} {check['check']}: {check['metric']}"

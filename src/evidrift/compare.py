@@ -200,6 +200,13 @@ def compare_checkpoints(
     if not data.exists():
         raise CompareError(f"--data {data} does not exist; pass a folder of class folders or a CSV manifest")
     resolve_gates(gates)
+    from evidrift.cam import resolve_method
+
+    for method in methods or ():
+        try:
+            resolve_method(method)
+        except ValueError as exc:
+            raise CompareError(f"--methods: {exc}") from None
     meta_a, meta_b = checkpoint_meta(a), checkpoint_meta(b)
     check_compatible(a, meta_a, b, meta_b)
     config = compare_config(meta_a, data, out, methods, max_images)

@@ -820,10 +820,13 @@ def summarize_probe(table: pd.DataFrame, config: StudyConfig) -> tuple[pd.DataFr
         config.stats.ci,
         config.stats.seed,
     )
-    order = {m: i for i, m in enumerate(metric_order(summary["metric"].tolist()))}
+    order = {
+        "metric": {m: i for i, m in enumerate(metric_order(summary["metric"].tolist()))},
+        "variant": {v: i for i, v in enumerate(dict.fromkeys(table["variant"]))},  # the config's order
+    }
     summary = summary.sort_values(
         ["arch", "method", "metric", "variant"],
-        key=lambda s: s.map(order) if s.name == "metric" else s,
+        key=lambda s: s.map(order[str(s.name)]) if s.name in order else s,
         kind="stable",
     ).reset_index(drop=True)
     return summary, paired_variant_tests(table, config.stats.alpha)

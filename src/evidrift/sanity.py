@@ -310,8 +310,9 @@ SELF_TEST_CHECKS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
     ("identical checkpoints", "js", "= 0", lambda v: abs(v) <= 1e-9),
     ("randomized model", "topk_iou@0.2", "< 0.5", lambda v: v < 0.5),
     ("randomized model", "spearman", "< 0.5", lambda v: v < 0.5),
-    ("randomized model", "js", "> 0.05", lambda v: v > 0.05),
 )
+# Not JS for the randomized model: two near-uniform maps (gradcam++/layercam of a weak model) have a small JS
+# even when their pixel orders are unrelated; ranks and top-k sets show the change.
 
 
 def self_test(

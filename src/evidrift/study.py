@@ -167,6 +167,25 @@ def clear_outputs(config: StudyConfig, paths: RunPaths, step: str) -> None:
     _remove(paths.step_marker(step), _started_path(paths, step))
 
 
+def check_names(config: StudyConfig) -> None:
+    """Fail before any work when an explain method or a drift metric name is unknown (ValueError naming
+    the key, the name and the known names), rather than after hours of training."""
+    from evidrift.cam import resolve_method
+    from evidrift.metrics.drift import resolve_metric
+
+    for method in config.explain.methods:
+        try:
+            resolve_method(method)
+        except ValueError as exc:
+            raise ValueError(f"explain.methods: {exc}") from None
+    if config.drift.metrics != "all":
+        for metric in config.drift.metrics:
+            try:
+                resolve_metric(metric)
+            except ValueError as exc:
+                raise ValueError(f"drift.metrics: {exc}") from None
+
+
 def force_steps(step: str) -> list[str]:
     """``step`` and every step after it (what ``--force STEP`` redoes)."""
     if step not in STEPS:
@@ -384,6 +403,7 @@ def run_study(
     say = echo if (echo is not None and ctx.is_main) else (lambda _line: None)
     if until is not None and until not in STEPS:
         raise ValueError(f"--until {until!r}: unknown step; choose one of {', '.join(STEPS)}")
+    check_names(config)
     redo: set[str] = set()
     for step in force:
         redo.update(force_steps(step))

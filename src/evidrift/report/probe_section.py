@@ -27,6 +27,8 @@ from evidrift.probe import PROBE_FILES, metric_order
 from evidrift.report.figures import render_png, style
 from evidrift.sanity import SANITY_FILES, SIMILARITY_METRICS
 
+_LINES = ("-", "--", ":", "-.")
+
 
 def _save(fig: Figure, path: Path) -> Path:
     render_png(fig, path)
@@ -48,7 +50,8 @@ def probe_figure(frame: pd.DataFrame, arch: str) -> Figure:
     methods = [m for m in dict.fromkeys(frame["method"]) if m != "-"]
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.8, wspace=0.25)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         part = frame[frame["metric"] == metric]
         groups = ["-"] if metric == "correct" else methods
@@ -87,9 +90,17 @@ def sanity_figure(frame: pd.DataFrame, arch: str, mode: str) -> Figure:
     steps = frame[["step", "block"]].drop_duplicates().sort_values("step")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.3), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for method, part in frame[frame["metric"] == metric].groupby("method", sort=False):
+        for i, (method, part) in enumerate(frame[frame["metric"] == metric].groupby("method", sort=False)):
             part = part.sort_values("step")
-            ax.plot(part["step"], part["mean"], marker="o", ms=3, label=str(method))
+            # distinct line styles keep coinciding methods visible (gradcam = xgradcam on a linear head)
+            ax.plot(
+                part["step"],
+                part["mean"],
+                marker="osD^v"[i % 5],
+                ms=3,
+                ls=_LINES[i % len(_LINES)],
+                label=str(method),
+            )
             ax.fill_between(part["step"], part["ci_low"], part["ci_high"], alpha=0.15)
         ax.set_title(metric)
         ax.set_ylim(-1.05, 1.05)
