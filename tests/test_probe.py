@@ -219,6 +219,9 @@ def test_paired_tests_find_a_planted_difference_and_best_variant() -> None:
     summary = summary.rename(columns={"value": "mean"}).assign(ci_low=0.0, ci_high=1.0)
     best = best_variants(summary)
     assert best.iloc[0]["variant"] == "bce-linear" and best.iloc[0]["runner_up"] == "ce-linear"
+    degenerate = table[table["variant"] == "ce-linear"].assign(variant="ce-mlp2", value=float("nan"))
+    pairs = paired_variant_tests(pd.concat([table, degenerate]))  # a variant whose maps are all degenerate
+    assert len(pairs) == 3 and pairs[pairs["variant_b"] == "ce-mlp2"]["n"].eq(0).all()
 
 
 def test_metric_order_groups_families() -> None:

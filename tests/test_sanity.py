@@ -142,6 +142,7 @@ def test_self_test_identical_checkpoints_give_zero_drift(
     records = self_test(checkpoint, images, targets, METHODS, tmp_path, seed=0, batch_size=4)
     assert {r["method"] for r in records} == set(METHODS)
     identical = [r for r in records if r["check"] == "identical checkpoints"]
+    assert {r["kind"] for r in identical} == {"metrics"}
     assert identical and all(r["passed"] for r in identical), identical
     randomized = {(r["method"], r["metric"]): r["value"] for r in records if r["check"] == "randomized model"}
     assert all(np.isfinite(v) for v in randomized.values())

@@ -776,7 +776,11 @@ def paired_variant_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFra
     rows: list[dict[str, object]] = []
     for (arch, method, metric), part in table.groupby(["arch", "method", "metric"], sort=False):
         variants = list(dict.fromkeys(part["variant"]))
-        wide = part.pivot_table(index="unit_id", columns="variant", values="value", aggfunc="first")
+        # all-NaN variants (every map degenerate) are kept as columns: their tests have n = 0
+        wide = part.pivot_table(
+            index="unit_id", columns="variant", values="value", aggfunc="first", dropna=False
+        )
+        wide = wide.reindex(columns=variants)
         family = []
         for a, b in itertools.combinations(variants, 2):
             pair = wide[[a, b]].dropna()
@@ -863,13 +867,13 @@ def quick_config(out: str | os.PathLike[str]) -> StudyConfig:
     """The ``--quick`` study of ``evidrift probe`` / ``evidrift sanity``: the quick demo preset
     (``presets.demo_config(quick=True)``: 60 phantoms, resnet18 at 64 px, one stage-0 epoch; a rerun in the
     same folder reuses its stage 0) with short probes (20 epochs, 10 grids of each size) and 8 images for
-    the sanity checks. Its backbone classifies near chance, so its grids take every test image that every
-    variant classifies correctly (``confidence: 0``): a smoke run of every step, not a result."""
+    the sanity checks. Its backbone classifies near chance, so its grids take any test image
+    (``grid_pool: all``): a smoke run of every step, not a result."""
     from evidrift.presets import demo_config
 
     config = demo_config(quick=True, out=Path(out).resolve())
     config.probe = ProbeConfig(
-        epochs=20, n_grids=10, batch_size=16, confidence=0.0, methods=["gradcam", "layercam"]
+        epochs=20, n_grids=10, batch_size=16, grid_pool="all", methods=["gradcam", "layercam"]
     )
     config.sanity = SanityConfig(n_images=8, methods=["gradcam", "layercam"])
     return config

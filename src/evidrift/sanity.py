@@ -325,11 +325,14 @@ def self_test(
     batch_size: int = 16,
 ) -> list[dict[str, object]]:
     """The drift metrics against known answers, per method: the checkpoint is written a second time
-    (``models.save_checkpoint`` into ``work_dir``) and both files loaded — their maps must show zero drift;
-    the model with every block re-initialized must show a large drift (``SELF_TEST_CHECKS``).
+    (``models.save_checkpoint`` into ``work_dir``) and both files loaded — their maps must show zero drift
+    (``kind`` ``metrics``: a failure is a bug in the metrics or the checkpoint I/O); the model with every
+    block re-initialized must show a large drift (``kind`` ``method``: a failure flags a CAM method whose
+    maps barely depend on the model's parameters, as Adebayo et al. found for some methods) — see
+    ``SELF_TEST_CHECKS``.
 
-    Returns one record per (method, check, metric): check, method, metric, value (the mean over the images,
-    NaN rows ignored), expected, passed.
+    Returns one record per (method, check, metric): check, kind, method, metric, value (the mean over the
+    images, NaN rows ignored), expected, passed.
     """
     from evidrift.metrics import drift
 
@@ -365,6 +368,7 @@ def self_test(
             records.append(
                 dict(
                     check=check,
+                    kind="metrics" if check == "identical checkpoints" else "method",
                     method=method,
                     metric=metric,
                     value=value,
@@ -484,6 +488,13 @@ def run_sanity(
     summary = summarize_curves(table, config.stats.n_boot, config.stats.ci, config.stats.seed)
     write_csv_atomic(paths.root / SANITY_FILES["summary"], summary)
     write_json_atomic(
-        paths.root / SANITY_FILES["selftest"], {"passed": all(c["passed"] for c in checks), "checks": checks}
+        paths.root / SANITY_FILES["selftest"],
+        {
+            "passed": all(c["passed"] for c in checks if c["kind"] == "metrics"),
+            "flagged_methods": sorted(
+                {f"{c['arch']}/{c['method']}" for c in checks if not c["passed"] and c["kind"] == "method"}
+            ),
+            "checks": checks,
+        },
     )
     return summary, checks

@@ -37,7 +37,7 @@ from evidrift.artifacts import write_csv_atomic
 
 CLASSES: tuple[str, ...] = ("normal", "bacterial_pneumonia", "viral_pneumonia", "covid19", "tuberculosis")
 
-#: Classes of the stage-0 source task (synthetic shapes and textures; not chest X-rays).
+#: Classes of the stage-0 source task (synthetic patterns, textures and shapes; not chest X-ray classes).
 SOURCE_CLASSES: tuple[str, ...] = (
     "empty",
     "dense_patch",
@@ -54,9 +54,12 @@ SOURCE_CLASSES: tuple[str, ...] = (
 #: Version of the generator; part of the parameters that decide whether a generated set can be reused.
 PHANTOM_VERSION = 1
 
-#: Version of the source-set generator (2: lesion-like patterns on varied backgrounds, replacing the shapes
-#: and stripes of version 1, whose features barely transferred to the phantom classes).
+#: Version of the source-set generator (2: lesion-like patterns on lesion-free chests or smooth backgrounds,
+#: replacing the shapes and stripes of version 1, whose features barely transferred to the phantom classes).
 SOURCE_VERSION = 2
+
+#: Share of source images drawn on a lesion-free phantom chest (the rest on smooth synthetic backgrounds).
+SOURCE_CHEST_BACKGROUND = 0.5
 
 #: Where the class-correlated marker sits (a shortcut): (row, column) anchors in units of the image side.
 _MARKER_ANCHORS: dict[str, tuple[float, float]] = {
@@ -527,19 +530,27 @@ def _source_pattern(label: str, rng: np.random.Generator, size: int) -> np.ndarr
 
 def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """One image of the source task: the pattern of class ``label`` (``SOURCE_CLASSES``) added, brighter, to
-    a varied smooth background, then exposure (gain, gamma) and noise. Returns float32 [S, S] in [0, 1].
+    a background, then exposure (gain, gamma) and noise. Returns float32 [S, S] in [0, 1].
 
     The patterns are the kinds of structure the chest phantoms' lesions are made of, at their scales (a dense
-    patch, faint bilateral haze, reticular texture, lower peripheral patches, small nodules up or down, rings,
-    bands, large shapes) on non-anatomical backgrounds: a different task whose features should transfer. The
-    amplitude (0.25-0.6) is clear and the background distractors (undulation, gradient, ellipses, a band, the
-    same for every class) weaker: with fainter patterns (0.08-0.3) a from-scratch net barely learned the task
-    in a demo-sized stage 0 (val accuracy 0.12-0.18 for 10 classes after 4 epochs on 400 images)."""
+    patch, diffuse bilateral haze, reticular texture, lower peripheral patches, small nodules up or down,
+    rings, bands, large shapes), placed anywhere in the image whatever the anatomy. The background is, with
+    probability ``SOURCE_CHEST_BACKGROUND``, a lesion-free phantom chest (``render_phantom("normal")``: the
+    backbone learns to find patterns against ribs, heart and lung fields, but no target label or lesion is
+    used), else a varied smooth background with distractors (undulation, gradient, ellipses, a band, the
+    same for every class). Measured with ``test_resnet`` at 96 px, 600 source images, 15 stage-0 epochs:
+    stage-1 test accuracy 0.46 and stage 2 0.64 on 500 phantoms, against 0.30 and 0.55 with the shapes and
+    stripes of source version 1."""
     if label not in SOURCE_CLASSES:
         raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
-    background = _source_background(rng, size)
+    if size < 32:
+        raise ValueError(f"source image size must be >= 32 pixels, got {size}")
+    if rng.random() < SOURCE_CHEST_BACKGROUND:
+        background = render_phantom("normal", rng, size)[0]
+    else:
+        background = _source_background(rng, size)
     pattern = _source_pattern(label, rng, size)
-    amplitude = rng.uniform(0.25, 0.6)
+    amplitude = rng.uniform(0.15, 0.5)
     image = np.clip(background + amplitude * pattern, 1e-3, 1.0) ** rng.uniform(0.85, 1.15)
     image = image * rng.uniform(0.9, 1.1) + rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(
         0.008, 0.03

@@ -255,16 +255,22 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
             rows = [
                 [
                     str(r["arch"]),
+                    str(r["method"]),
                     str(r["check"]),
                     str(r["metric"]),
                     _cell(r["value"]),
                     str(r["expected"]),
-                    "pass" if r["passed"] else "FAIL",
+                    "pass" if r["passed"] else ("FAIL" if r.get("kind", "metrics") == "metrics" else "flag"),
                 ]
                 for r in result["checks"]
             ]
-            parts.append("<h3>Metric self-test</h3>")
-            parts.append(_table(["arch", "check", "metric", "value", "expected", "result"], rows))
+            parts.append("<h3>Self-test</h3>")
+            parts.append(
+                "<p>Identical checkpoints must give zero drift (FAIL = a bug in the metrics). A fully "
+                "randomized model must give a large drift; a method that keeps its maps is flagged: its maps "
+                "may not reflect what the model learned.</p>"
+            )
+            parts.append(_table(["arch", "method", "check", "metric", "value", "expected", "result"], rows))
         for (arch, mode), _ in summary.groupby(["arch", "mode"], sort=True):
             figure = figures / f"sanity_{_file_part(str(arch))}_{mode}.png"
             if not figure.is_file():
