@@ -18,6 +18,7 @@ from evidrift.data.transforms import (
     denormalize,
     resize_image,
     single_thread,
+    square_affine_grid,
     to_model_input,
 )
 
@@ -94,6 +95,13 @@ def test_augmented_mask_is_exactly_the_warped_image_region() -> None:
         assert clear.float().mean() > 0.99
         torch.testing.assert_close(warped[clear], (gray >= 0.5).float()[clear])
         assert 0 < warped.sum() < warped.numel()
+
+
+@pytest.mark.parametrize("size", [1, 7, 64])
+def test_square_affine_grid_matches_torch(size: int) -> None:
+    theta = torch.tensor([[[0.93, -0.21, 0.05], [0.18, 1.04, -0.07]]])
+    expected = torch.nn.functional.affine_grid(theta, [1, 1, size, size], align_corners=False)
+    torch.testing.assert_close(square_affine_grid(theta, size), expected, atol=1e-6, rtol=0)
 
 
 def test_single_thread_restores_the_thread_count() -> None:

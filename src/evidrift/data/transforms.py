@@ -15,6 +15,7 @@ about the image mean) on the image only, as one multiply-add. All random numbers
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -101,8 +102,25 @@ def random_affine_grid(
 ) -> torch.Tensor:
     """A sampling grid [1, S, S, 2] for ``F.grid_sample`` of a random small affine map (see module doc)."""
     draws = torch.rand(4, generator=generator, dtype=torch.float64) * 2.0 - 1.0
-    theta = affine_theta(draws, max_rotation, max_scale, max_translate)
-    return F.affine_grid(theta, [1, 1, size, size], align_corners=False)
+    return square_affine_grid(affine_theta(draws, max_rotation, max_scale, max_translate), size)
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(size: int) -> torch.Tensor:
+    """Pixel-centre coordinates in [-1, 1] of a side of ``size`` (``align_corners=False``), float32 [S]."""
+    return (torch.arange(size, dtype=torch.float32) * 2.0 + 1.0) / size - 1.0
+
+
+def square_affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [1, 1, S, S], align_corners=False)`` for theta [1, 2, 3], built from two
+    broadcast multiply-adds over cached pixel centres instead of a batched matmul over every pixel (same
+    values up to float rounding, a few times faster at 256 px). Returns float32 [1, S, S, 2]."""
+    axis = _pixel_centres(size)
+    (a, b, c), (d, e, f) = theta[0].tolist()
+    across, down = axis[None, :], axis[:, None]
+    gx = (across * a + c) + down * b
+    gy = (across * d + f) + down * e
+    return torch.stack([gx, gy], dim=-1)[None]
 
 
 class Preprocess:

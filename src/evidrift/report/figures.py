@@ -123,9 +123,10 @@ def ranking_figure(
     """A bump chart per metric: methods on x, the architectures' stability rank on y (1 = most stable, top).
 
     ``rankings``: columns method, metric, arch, rank. ``reversals``: columns metric, method_a, method_b,
-    arch_x, arch_y (and significance flags; ``evidrift.stats.reversals``). A panel whose metric has a
-    reversal gets a red title with the count; the reversed pairs' segments between the two methods are
-    drawn red and dashed.
+    arch_x, arch_y, significant_a, significant_b (``evidrift.stats.reversals``). A panel whose metric has a
+    reversal is tinted, with the counts (all, and with a significant difference under either method) in a
+    red title; for the significant ones the two architectures' ranks under the two methods are joined by
+    red dashed segments.
     """
     colors = arch_colors(archs)
     rows = max(1, math.ceil(len(metrics) / columns))
@@ -146,7 +147,9 @@ def ranking_figure(
                     label=shorten(arch, 20),
                 )
             flips = reversals[reversals["metric"] == metric] if len(reversals) else reversals
-            for _, flip in flips.iterrows():
+            sig_cols = [c for c in flips.columns if c.startswith("significant")]
+            significant = flips[flips[sig_cols].astype(bool).any(axis=1)] if sig_cols else flips
+            for _, flip in significant.iterrows():
                 ma, mb = str(flip["method_a"]), str(flip["method_b"])
                 if ma not in pos or mb not in pos:
                     continue
@@ -156,9 +159,9 @@ def ranking_figure(
                         ax.plot(
                             [pos[ma], pos[mb]], [ranks[ma], ranks[mb]], "--", color=REVERSAL_COLOR, lw=1.2
                         )
-            n_flip = len(flips)
+            n_flip, n_sig = len(flips), len(significant)
             ax.set_title(
-                f"{metric}" + (f"  ({n_flip} reversal{'s' * (n_flip != 1)})" if n_flip else ""),
+                f"{metric}" + (f"  ({n_flip} reversal{'s' * (n_flip != 1)}, {n_sig} sig.)" if n_flip else ""),
                 color=REVERSAL_COLOR if n_flip else "black",
             )
             ax.set_xticks(range(len(methods)))

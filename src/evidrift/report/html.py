@@ -108,7 +108,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
         return str(value)
     if not math.isfinite(number):
         return "n/a"
-    return f"{number:.{digits}f}"
+    text = f"{number:.{digits}f}"
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.000"
 
 
 def _ci(mean: Any, low: Any, high: Any, digits: int = 3) -> str:
@@ -381,9 +382,9 @@ def ranking_section(
         "Rank 1 = the architecture whose explanations drift least under that method and metric "
         "(direction-aware). "
         "A rank reversal is a pair of methods under which two architectures swap order: the conclusion "
-        "'architecture X is more stable' then depends on the CAM method. Panels with reversals are tinted, "
-        "the "
-        f"swapped segments dashed red. {n_rev} reversal{'s' * (n_rev != 1)} found."
+        "'architecture X is more stable' then depends on the CAM method. Panels with reversals are tinted; "
+        "those with a significant paired difference (Wilcoxon, Holm) under either method are drawn as red "
+        f"dashed segments. {n_rev} reversal{'s' * (n_rev != 1)} found."
     )
     section.figures.append(
         draw(

@@ -51,7 +51,7 @@ def probe_figure(frame: pd.DataFrame, arch: str) -> Figure:
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    fig.subplots_adjust(hspace=0.8, wspace=0.25)
+    fig.subplots_adjust(hspace=0.8, wspace=0.25, top=1 - 0.55 / (3.4 * rows))
     for ax, metric in zip(axes.flat, metrics, strict=False):
         part = frame[frame["metric"] == metric]
         groups = ["-"] if metric == "correct" else methods
@@ -77,9 +77,9 @@ def probe_figure(frame: pd.DataFrame, arch: str) -> Figure:
         loc="upper center",
         ncol=max(1, len(labels)),
         frameon=False,
-        bbox_to_anchor=(0.5, 1.02),
+        bbox_to_anchor=(0.5, 1.0),
     )
-    fig.suptitle(f"head probing, {arch} (mean, 95% CI)", y=1.06)
+    fig.suptitle(f"head probing, {arch} (mean, 95% CI)", y=1.0 + 0.3 / (3.4 * rows))
     return fig
 
 
