@@ -1,5 +1,6 @@
 """evidrift: did fine-tuning change the visual evidence an image classifier relies on?"""
 
-from evidrift import _compat as _compat  # noqa: F401  (must run before anything imports timm/torchvision)
+# Must run before anything imports timm or torchvision.
+from evidrift import _compat as _compat
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Make ``import torchvision`` (and so ``import timm``) work with a torchvision wheel whose C++ ops cannot load.
+"""Make ``import torchvision`` (so ``import timm``) work with a torchvision wheel whose C++ ops cannot load.
 
 The torchvision 0.28.0 wheel installed next to the CPU build of torch 2.13.0 is a CUDA build: its ``_C``
 extension fails to load, and torchvision's ``_meta_registrations`` then dies on import with

@@ -83,7 +83,9 @@ def write_csv_atomic(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
 
 
 def save_safetensors_atomic(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Save contiguous CPU copies of ``tensors`` as safetensors atomically; metadata values must be str."""
     payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -204,9 +206,13 @@ def write_maps_shard(
     Raises ValueError when the counts differ or the maps are not 3-D.
     """
     if maps.ndim != 3:
-        raise ValueError(f"maps for {arch}/stage{stage}/{method} must be [n, h, w], got shape {tuple(maps.shape)}")
+        raise ValueError(
+            f"maps for {arch}/stage{stage}/{method} must be [n, h, w], got shape {tuple(maps.shape)}"
+        )
     if len(ids) != maps.shape[0]:
-        raise ValueError(f"{len(ids)} ids for {maps.shape[0]} maps in {arch}/stage{stage}/{method} shard {shard}")
+        raise ValueError(
+            f"{len(ids)} ids for {maps.shape[0]} maps in {arch}/stage{stage}/{method} shard {shard}"
+        )
     metadata = {
         "ids": json.dumps([str(i) for i in ids]),
         "layer": layer,

@@ -329,7 +329,9 @@ def load_config(path: str | os.PathLike[str]) -> StudyConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file} is not valid YAML: {exc}") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{file} must hold a mapping of sections (data, models, train, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{file} must hold a mapping of sections (data, models, train, ...), got {type(raw).__name__}"
+        )
     config = parse_config(raw, str(file))
     base = file.resolve().parent
     if config.data.path is not None and not config.data.path.is_absolute():
