@@ -173,6 +173,15 @@ def load_run_config(paths: RunPaths) -> StudyConfig:
     return parse_config(raw, str(paths.config))
 
 
+def recorded_hash(paths: RunPaths) -> str | None:
+    """The ``config_hash`` written at the top of ``run/config.yaml`` (the hash the run ran with), if any."""
+    if not paths.config.is_file():
+        return None
+    raw = yaml.safe_load(paths.config.read_text(encoding="utf-8")) or {}
+    value = raw.get("config_hash") if isinstance(raw, dict) else None
+    return str(value) if value is not None else None
+
+
 def environment() -> Environment:
     """The jinja2 environment of the report: autoescape on for every template, undefined names are errors."""
     return Environment(
@@ -820,7 +829,7 @@ def build_report(
             "steps": step_times(paths),
             "versions": versions(),
             "seed": config.seed,
-            "config_hash": study_hash(config),
+            "config_hash": recorded_hash(paths) or study_hash(config),
             "generated": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "run_dir": str(paths.root.resolve()),
         },
