@@ -76,3 +76,10 @@ def test_maps_store_errors_name_what_is_wrong(tmp_path: Path) -> None:
         write_maps_shard(paths, "densenet201", 2, "layercam", 0, torch.zeros(1, 4, 4), ["a", "b"], layer="x")
     with pytest.raises(ValueError, match=r"\[n, h, w\]"):
         write_maps_shard(paths, "densenet201", 2, "layercam", 0, torch.zeros(4, 4), ["a"], layer="x")
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path: Path) -> None:
+    target = write_json_atomic(tmp_path / "shared.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

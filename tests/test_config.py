@@ -106,3 +106,11 @@ def test_phantoms_cli_writes_the_set(tmp_path: Path) -> None:
     for name in ("manifest.csv", "params.json", "preview.png"):
         assert (tmp_path / "set" / name).is_file()
     assert len(list((tmp_path / "set" / "images").rglob("*.png"))) == 10
+
+
+def test_a_run_directory_config_yaml_loads_back(tmp_path) -> None:
+    from evidrift.config import dump_yaml, load_config, parse_config, study_hash
+
+    config = parse_config({"seed": 3})
+    (tmp_path / "config.yaml").write_text(dump_yaml(config))
+    assert study_hash(load_config(tmp_path / "config.yaml")) == study_hash(config)

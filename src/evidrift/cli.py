@@ -44,7 +44,7 @@ def main(
         raise typer.Exit(0)
 
 
-# --- validate (config) ---------------------------------------------------------------------------------------
+# --- validate (config)
 @app.command()
 def validate(study: Annotated[Path, typer.Argument(help="study.yaml to check")]) -> None:
     """Validate a study file and print the resolved config (every default filled in) with its hash."""
@@ -57,7 +57,7 @@ def validate(study: Annotated[Path, typer.Argument(help="study.yaml to check")])
     console.print(dump_yaml(config), highlight=False, markup=False)
 
 
-# --- phantoms (data) ----------------------------------------------------------------------------------------
+# --- phantoms (data)
 @app.command()
 def phantoms(
     out: Annotated[Path, typer.Argument(help="folder to write the set into (created if needed)")],
@@ -89,7 +89,7 @@ def phantoms(
         console.print(f"preview: {sheet}", highlight=False)
 
 
-# --- train / evaluate (models, train) ------------------------------------------------------------------------
+# --- train / evaluate (models, train)
 def _training_logs() -> None:
     """One INFO line per epoch on stderr unless the application configured logging itself."""
     import logging
@@ -157,7 +157,7 @@ def evaluate(
         raise fail(str(exc)) from None
 
 
-# --- explain (cam) -------------------------------------------------------------------------------------------
+# --- explain (cam)
 @app.command()
 def explain(
     study: Annotated[Path, typer.Argument(help="study.yaml")],
@@ -204,7 +204,7 @@ def explain(
         )
 
 
-# --- drift (metrics, stats) ----------------------------------------------------------------------------------
+# --- drift (metrics, stats)
 @app.command()
 def drift(
     run_dir: Annotated[Path, typer.Argument(help="run directory holding maps/ (from `evidrift explain`)")],
@@ -259,7 +259,7 @@ def drift(
     )
 
 
-# --- run / demo / compare / report (study) -------------------------------------------------------------------
+# --- run / demo / compare / report (study)
 def _print_drift_table(run_dir: Path, title: str) -> None:
     """The drift summary (arch × method, headline metrics, mean [95% CI]) as a rich table."""
     import pandas as pd
@@ -463,7 +463,7 @@ def report(
     console.print(f"report: {path.resolve()}", highlight=False)
 
 
-# --- probe / sanity (probing) --------------------------------------------------------------------------------
+# --- probe / sanity (probing)
 def _ci_text(mean: float, low: float, high: float) -> str:
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 

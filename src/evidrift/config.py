@@ -332,6 +332,8 @@ def load_config(path: str | os.PathLike[str]) -> StudyConfig:
         raise ConfigError(
             f"{file} must hold a mapping of sections (data, models, train, ...), got {type(raw).__name__}"
         )
+    if raw is not None:
+        raw.pop("config_hash", None)  # written by dump_yaml into run/config.yaml; derived, not a setting
     config = parse_config(raw, str(file))
     base = file.resolve().parent
     if config.data.path is not None and not config.data.path.is_absolute():
