@@ -18,6 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -31,6 +32,9 @@ from evidrift.metrics.drift import (
     default_metric_names,
     resolve_metric,
 )
+
+if TYPE_CHECKING:
+    from evidrift.config import StudyConfig
 
 KEY_METRICS = ("spearman", "ssim", "topk_iou@0.1", "centroid_shift", "js")
 
@@ -50,6 +54,21 @@ class DriftSettings:
     seed: int = 0
     chunk_size: int = 16
 
+    @classmethod
+    def from_config(cls, config: StudyConfig) -> DriftSettings:
+        """The settings a study's ``drift`` and ``stats`` sections ask for."""
+        d, s = config.drift, config.stats
+        return cls(
+            metrics=None if d.metrics == "all" else list(d.metrics),
+            size=d.size,
+            zone_grid=tuple(d.zone_grid),
+            topk=tuple(d.topk),
+            n_boot=s.n_boot,
+            ci=s.ci,
+            alpha=s.alpha,
+            seed=s.seed,
+        )
+
 
 @dataclass(frozen=True)
 class DriftOutputs:
@@ -68,18 +87,7 @@ def settings_from_config(run_dir: str | Path) -> DriftSettings:
         return DriftSettings()
     from evidrift.config import load_config
 
-    config = load_config(paths.config)
-    d, s = config.drift, config.stats
-    return DriftSettings(
-        metrics=None if d.metrics == "all" else list(d.metrics),
-        size=d.size,
-        zone_grid=tuple(d.zone_grid),
-        topk=tuple(d.topk),
-        n_boot=s.n_boot,
-        ci=s.ci,
-        alpha=s.alpha,
-        seed=s.seed,
-    )
+    return DriftSettings.from_config(load_config(paths.config))
 
 
 def stored_archs(paths: RunPaths) -> list[str]:

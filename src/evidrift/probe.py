@@ -751,18 +751,10 @@ def summarize_values(
     rows = []
     for group, part in table.groupby(list(keys), sort=False):
         values = part["value"].to_numpy(dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        low, high = stats.bootstrap_ci(finite, n_boot, ci, seed)
         rows.append(
             {
                 **dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True)),
-                "n": int(finite.size),
-                "n_nan": int(values.size - finite.size),
-                "mean": float(finite.mean()) if finite.size else np.nan,
-                "median": float(np.median(finite)) if finite.size else np.nan,
-                "std": float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
-                "ci_low": low,
-                "ci_high": high,
+                **stats.describe(values, n_boot, ci, seed),
             }
         )
     return pd.DataFrame(rows)

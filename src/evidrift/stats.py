@@ -97,23 +97,28 @@ def summarize(
     for (arch, method), group in drift.groupby(["arch", "method"], sort=True):
         for metric in metrics:
             values = group[metric].to_numpy(dtype=np.float64)
-            finite = values[np.isfinite(values)]
-            low, high = bootstrap_ci(finite, n_boot, ci, seed)
-            rows.append(
-                {
-                    "arch": arch,
-                    "method": method,
-                    "metric": metric,
-                    "n": int(finite.size),
-                    "n_nan": int(values.size - finite.size),
-                    "mean": float(finite.mean()) if finite.size else np.nan,
-                    "median": float(np.median(finite)) if finite.size else np.nan,
-                    "std": float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
-                    "ci_low": low,
-                    "ci_high": high,
-                }
-            )
+            summary = describe(values, n_boot, ci, seed)
+            rows.append({"arch": arch, "method": method, "metric": metric, **summary})
     return pd.DataFrame(rows)
+
+
+def describe(
+    values: np.ndarray, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> dict[str, float | int]:
+    """Of the finite entries of ``values`` [N]: n, n_nan (non-finite count), mean, median, std (ddof 1),
+    and the seeded percentile-bootstrap CI of the mean (ci_low, ci_high); NaN where undefined."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = bootstrap_ci(finite, n_boot, ci, seed)
+    return {
+        "n": int(finite.size),
+        "n_nan": int(values.size - finite.size),
+        "mean": float(finite.mean()) if finite.size else np.nan,
+        "median": float(np.median(finite)) if finite.size else np.nan,
+        "std": float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
+        "ci_low": low,
+        "ci_high": high,
+    }
 
 
 def _oriented(values: pd.Series | np.ndarray, metric: str) -> np.ndarray:

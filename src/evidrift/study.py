@@ -237,17 +237,7 @@ def drift_settings(config: StudyConfig) -> DriftSettings:
     """The drift step's settings (``evidrift.analysis.DriftSettings``) from the study's drift and stats."""
     from evidrift.analysis import DriftSettings
 
-    d, s = config.drift, config.stats
-    return DriftSettings(
-        metrics=None if d.metrics == "all" else list(d.metrics),
-        size=d.size,
-        zone_grid=tuple(d.zone_grid),
-        topk=tuple(d.topk),
-        n_boot=s.n_boot,
-        ci=s.ci,
-        alpha=s.alpha,
-        seed=s.seed,
-    )
+    return DriftSettings.from_config(config)
 
 
 def run_drift(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
