@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/cam_engine.py
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/transforms.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
