@@ -464,21 +464,27 @@ def report(
 
 
 # --- probe / sanity (probing)
+# Options shared by `probe` and `sanity`.
+ProbingStudy = Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")]
+ProbingQuick = Annotated[
+    bool, typer.Option("--quick", help="smoke run: the quick demo preset (phantoms, resnet18 at 64 px)")
+]
+ProbingOut = Annotated[
+    Path | None, typer.Option("--out", help="run directory (default: output.dir; --quick: runs/probe-quick)")
+]
+ProbingProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")]
+
+
 def _ci_text(mean: float, low: float, high: float) -> str:
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
 @app.command()
 def probe(
-    study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
-    quick: Annotated[
-        bool, typer.Option("--quick", help="smoke run: the quick demo preset (phantoms, resnet18 at 64 px)")
-    ] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="run directory (default: output.dir; --quick: runs/probe-quick)"),
-    ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+    study: ProbingStudy = None,
+    quick: ProbingQuick = False,
+    out: ProbingOut = None,
+    progress: ProbingProgress = True,
 ) -> None:
     """Head probing study: heads {ce, bce} x {linear, linear_nobias, mlp2, mlp3} on one frozen backbone,
     each explained and scored (accuracy, GridPG, pointing games against the lesion masks, entropy, Gini).
@@ -529,15 +535,10 @@ def probe(
 
 @app.command()
 def sanity(
-    study: Annotated[Path | None, typer.Argument(help="study.yaml (omit with --quick)")] = None,
-    quick: Annotated[
-        bool, typer.Option("--quick", help="smoke run: the quick demo preset (phantoms, resnet18 at 64 px)")
-    ] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="run directory (default: output.dir; --quick: runs/probe-quick)"),
-    ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+    study: ProbingStudy = None,
+    quick: ProbingQuick = False,
+    out: ProbingOut = None,
+    progress: ProbingProgress = True,
 ) -> None:
     """Sanity checks: cascading and independent parameter randomization (similarity of the maps to the
     trained model's at every step), and the metrics' self-test (identical checkpoints give zero drift, a

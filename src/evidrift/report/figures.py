@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from evidrift.artifacts import write_bytes_atomic
@@ -68,6 +69,19 @@ def shorten(text: str, width: int = 28) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def legend_above(fig: Figure, ax: Axes, y: float = 1.0, ncol: int | None = None) -> None:
+    """One frameless figure legend centred above the panels, from the handles and labels of ``ax``."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=ncol if ncol is not None else max(1, len(labels)),
+        frameon=False,
+        bbox_to_anchor=(0.5, y),
+    )
+
+
 # --- classification -----------------------------------------------------------------------------------------
 def classification_figure(table: pd.DataFrame, stage_labels: Mapping[int, str]) -> Figure:
     """Bars of accuracy, macro-F1 and macro AUROC per arch (groups) × stage (bars) with CI whiskers.
@@ -103,10 +117,7 @@ def classification_figure(table: pd.DataFrame, stage_labels: Mapping[int, str]) 
             ax.set_ylim(0, 1.12)
             ax.set_title(title)
             ax.grid(axis="y", alpha=0.3)
-        handles, names = axes[0, 0].get_legend_handles_labels()
-        fig.legend(
-            handles, names, loc="upper center", ncol=len(names), frameon=False, bbox_to_anchor=(0.5, 1.0)
-        )
+        legend_above(fig, axes[0, 0])
         fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
@@ -175,10 +186,7 @@ def ranking_figure(
         for ax in list(axes.flat)[len(metrics) :]:
             ax.axis("off")
         axes[0, 0].set_ylabel("rank (1 = most stable)")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(
-            handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.0)
-        )
+        legend_above(fig, axes[0, 0])
         fig.tight_layout(rect=(0, 0, 1, 0.97))
     return fig
 
@@ -325,8 +333,7 @@ def zone_figure(
             ax.set_xticklabels(labels, rotation=40, ha="right")
             ax.grid(axis="y", alpha=0.25)
         axes[0, 0].set_ylabel("mean share of map mass")
-        handles, names = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
+        legend_above(fig, axes[0, 0], ncol=2)
         fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
@@ -383,9 +390,6 @@ def localization_figure(
                     ax.set_title(shorten(arch, 24))
                 if k == 0:
                     ax.set_ylabel(metric)
-        handles, names = axes[0, 0].get_legend_handles_labels()
-        fig.legend(
-            handles, names, loc="upper center", ncol=len(stages), frameon=False, bbox_to_anchor=(0.5, 1.0)
-        )
+        legend_above(fig, axes[0, 0], ncol=len(stages))
         fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig

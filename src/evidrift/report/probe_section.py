@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from evidrift.probe import PROBE_FILES, metric_order
-from evidrift.report.figures import render_png, style
+from evidrift.report.figures import legend_above, render_png, style
 from evidrift.sanity import SANITY_FILES, SIMILARITY_METRICS
 
 _LINES = ("-", "--", ":", "-.")
@@ -70,15 +70,7 @@ def probe_figure(frame: pd.DataFrame, arch: str) -> Figure:
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    handles, labels = axes.flat[min(1, len(metrics) - 1)].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncol=max(1, len(labels)),
-        frameon=False,
-        bbox_to_anchor=(0.5, 1.0),
-    )
+    legend_above(fig, axes.flat[min(1, len(metrics) - 1)])
     fig.suptitle(f"head probing, {arch} (mean, 95% CI)", y=1.0 + 0.3 / (3.4 * rows))
     return fig
 
@@ -109,15 +101,7 @@ def sanity_figure(frame: pd.DataFrame, arch: str, mode: str) -> Figure:
         ax.set_xticklabels(steps["block"], rotation=60, ha="right")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("similarity to the original maps")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncol=max(1, len(labels)),
-        frameon=False,
-        bbox_to_anchor=(0.5, 1.08),
-    )
+    legend_above(fig, axes[0, 0], y=1.08)
     fig.suptitle(f"{mode} randomization, {arch}", y=1.14)
     return fig
 
