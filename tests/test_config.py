@@ -60,6 +60,38 @@ def test_split_fractions_must_leave_train() -> None:
         parse_config({"data": {"split": {"val": 0.5, "test": 0.5}}})
 
 
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"stage2": {"cache_features": True}}, r"train\.stage2\.cache_features applies to stage 1 only"),
+        (
+            {"stage0": {"standardize_features": True}},
+            r"train\.stage0\.standardize_features applies to stage 1",
+        ),
+        ({"stage1": {"freeze_batchnorm": True}}, r"train\.stage1\.freeze_batchnorm applies to stage 2 only"),
+        ({"stage0": {"image_size": 64, "image_scale": 0.5}}, r"image_size \(64\) and image_scale \(0\.5\)"),
+    ],
+)
+def test_stage_options_in_the_wrong_place_are_errors(train: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"train": train}, "s.yaml")
+
+
+def test_stage_options_in_their_place_are_accepted() -> None:
+    config = parse_config(
+        {
+            "train": {
+                "stage0": {"image_scale": 0.5},
+                "stage1": {"standardize_features": False},
+                "stage2": {"freeze_batchnorm": True},
+            }
+        }
+    )
+    assert config.train.stage0.image_scale == 0.5
+    assert config.train.stage1.standardize_features is False
+    assert config.train.stage2.freeze_batchnorm
+
+
 def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     study = tmp_path / "sub" / "s.yaml"

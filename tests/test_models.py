@@ -105,6 +105,92 @@ def test_freeze_keeps_backbone_norm_in_eval_even_after_train() -> None:
     assert not models.is_frozen(model)
 
 
+def test_freeze_batchnorm_stats_keeps_backbone_norms_fixed_but_trainable() -> None:
+    model = models.build_model("test_resnet", 3, HeadConfig(type="mlp2", hidden=4))
+    models.freeze_batchnorm_stats(model)
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert norms and not any(m.training for m in norms)
+    assert all(m.training for m in convs)
+    assert models.get_head(model)[2].training  # the head's BatchNorm1d is not the backbone's
+    assert all(p.requires_grad for p in model.parameters())  # BatchNorm's weight and bias still train
+    stats = [m.running_mean.clone() for m in norms]
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, norms, strict=True))
+    assert all(m.weight.grad is not None for m in norms)
+    models.unfreeze(model)
+    model.train()
+    assert all(m.training for m in norms)
+    assert "train" not in vars(model)
+
+
+def test_feature_standardization_by_hand() -> None:
+    features = torch.tensor([[1.0, 5.0, 0.0], [3.0, 5.0, 2.0], [5.0, 5.0, 4.0]])
+    mean, scale = models.feature_standardization(features)
+    assert torch.allclose(mean, torch.tensor([3.0, 5.0, 2.0]))
+    # population std; the constant feature keeps scale 1 (only shifted)
+    assert torch.allclose(scale, torch.tensor([(8 / 3) ** 0.5, 1.0, (8 / 3) ** 0.5]))
+    mean, _ = models.feature_standardization(features, center=False)
+    assert torch.equal(mean, torch.zeros(3))
+    with pytest.raises(ValueError, match="N, F"):
+        models.feature_standardization(torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        HeadConfig(type="linear"),
+        HeadConfig(type="linear", dropout=0.3),
+        HeadConfig(type="mlp2", hidden=6),
+        HeadConfig(type="mlp3", hidden=5, bias=False),
+    ],
+    ids=["linear", "linear-dropout", "mlp2", "mlp3-nobias"],
+)
+def test_fold_standardization_keeps_the_function(head: HeadConfig) -> None:
+    features = torch.rand(40, 7) * torch.linspace(0.01, 3.0, 7) + 2.0  # all > 0, very unequal scales
+    plain = models.build_head(7, 4, head)
+    assert models.can_center(plain)
+    mean, scale = models.feature_standardization(features)
+    wrapped = models.StandardizedHead(plain, mean, scale)
+    wrapped.train()
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    for _ in range(5):  # train it a little, so BatchNorm running statistics move too
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(wrapped(features), torch.arange(40) % 4).backward()
+        optimizer.step()
+    wrapped.eval()
+    expected = wrapped(features[:, :, None, None])  # [B, F, 1, 1] input is flattened like the plain head's
+    folded = models.fold_standardization(wrapped).eval()
+    assert type(folded) is nn.Sequential and not any(
+        isinstance(m, models.StandardizedHead) for m in folded.modules()
+    )
+    torch.testing.assert_close(folded(features), expected, rtol=1e-4, atol=1e-4)
+    assert set(folded.state_dict()) == set(models.build_head(7, 4, head).state_dict())
+
+
+def test_bias_free_linear_head_is_only_scaled() -> None:
+    plain = models.build_head(3, 2, HeadConfig(type="linear", bias=False))
+    assert not models.can_center(plain)
+    features = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 9.0]])
+    with pytest.raises(ValueError, match="bias-free"):
+        models.fold_standardization(models.StandardizedHead(plain, torch.ones(3), torch.ones(3)))
+    mean, scale = models.feature_standardization(features, center=False)
+    wrapped = models.StandardizedHead(
+        models.build_head(3, 2, HeadConfig(type="linear", bias=False)), mean, scale
+    )
+    expected = wrapped(features)
+    torch.testing.assert_close(models.fold_standardization(wrapped)(features), expected)
+
+
+def test_standardized_head_rejects_bad_statistics() -> None:
+    head = models.build_head(3, 2)
+    with pytest.raises(ValueError, match="> 0"):
+        models.StandardizedHead(head, torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"\[F\]"):
+        models.StandardizedHead(head, torch.zeros(3), torch.ones(4))
+
+
 def test_cam_layers_default_auto_and_errors() -> None:
     dense = models.build_model("densenet121", 2)
     assert models.default_cam_layers(dense, "densenet121") == ["features.norm5"]
@@ -207,3 +293,12 @@ def test_imagenet_weights_from_local_hub_cache(monkeypatch: pytest.MonkeyPatch, 
     model = models.build_model("test_resnet", 3, weights="imagenet")
     assert torch.equal(model.state_dict()["layer4.0.conv1.weight"], timm_state["layer4.0.conv1.weight"])
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_check_input_size_names_the_side_and_the_keys() -> None:
+    model = models.build_model("inceptionv3", 2)
+    model.train()
+    with pytest.raises(ValueError, match=r"cannot take 64 x 64 px inputs .*raise train\.stage0\.image_scale"):
+        models.check_input_size(model, 64, "train.stage0.image_scale")
+    assert model.training  # restored
+    models.check_input_size(models.build_model("test_resnet", 2), 32, "x")

@@ -295,3 +295,59 @@ def test_fit_without_validation_keeps_the_last_epoch(tmp_path: Path) -> None:
     state = fit(head, head, head, head, train, empty, cfg, "ce", Context(), files, "t", 0, "t", False)
     assert state.best_epoch == 3 and not state.stopped
     assert math.isnan(read_jsonl(files.metrics)[-1]["val_accuracy"])
+
+
+def test_stage_image_scale_multiplies_each_models_side() -> None:
+    from evidrift.config import ModelConfig
+    from evidrift.train import image_size_for
+
+    assert image_size_for(ModelConfig(arch="test_resnet", image_size=128), StageConfig(image_scale=0.5)) == 64
+    assert image_size_for(ModelConfig(arch="inceptionv3", image_size=192), StageConfig(image_scale=0.5)) == 96
+    assert image_size_for(ModelConfig(arch="inceptionv3"), StageConfig(image_scale=0.5)) == 150  # 299 / 2
+    assert image_size_for(ModelConfig(arch="test_resnet", image_size=128), StageConfig(image_size=40)) == 40
+    assert image_size_for(ModelConfig(arch="test_resnet", image_size=128), StageConfig()) == 128
+
+
+@pytest.mark.parametrize(
+    ("head", "cached", "kind"),
+    [({"type": "linear"}, False, "center+scale"), ({"type": "linear", "bias": False}, True, "scale")],
+)
+def test_stage1_standardized_head_is_folded_into_a_plain_checkpoint(
+    tmp_path: Path, head: dict, cached: bool, kind: str
+) -> None:
+    """Stage 1 trains on standardized features; the checkpoint is a plain model whose predictions on the val
+    split reproduce the val accuracy and loss logged for its best epoch."""
+    from evidrift.data.dataset import ManifestDataset
+    from evidrift.evaluate import predict_logits
+
+    raw = _tiny_study_dict(tmp_path)
+    raw["models"][0]["head"] = head
+    raw["train"]["stage0"]["image_scale"] = 0.75  # pretrains at 24 px
+    raw["train"]["stage1"]["cache_features"] = cached
+    config = parse_config(raw)
+    paths = RunPaths.at(tmp_path)
+    train_study(config, paths, stages=("0", "1"), progress=False)
+    meta = models.read_checkpoint_meta(paths.checkpoint("test_resnet", "1"))
+    assert meta["standardized_features"] == kind
+    assert models.read_checkpoint_meta(paths.checkpoint("test_resnet", "0"))["image_size"] == 24
+    model, meta = models.load_checkpoint(paths.checkpoint("test_resnet", "1"))
+    assert not any(isinstance(m, models.StandardizedHead) for m in model.modules())
+    assert set(model.state_dict()) == set(
+        models.build_model("test_resnet", 5, HeadConfig(**head)).state_dict()
+    )
+    frame, classes = load_manifest(paths)
+    val = frame[(frame["split"] == "val") & (frame["status"] == "ok")].reset_index(drop=True)
+    dataset = ManifestDataset(val, classes, 32, mean=meta["mean"], std=meta["std"])
+    labels, logits = predict_logits(model, ImageFeed(dataset), Context(), 8)
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(meta["metrics"]["val_accuracy"], abs=1e-6)
+    assert compute_loss(logits, labels, "ce").item() == pytest.approx(meta["metrics"]["val_loss"], rel=1e-4)
+
+
+def test_stage1_without_standardization_keeps_raw_features(tmp_path: Path) -> None:
+    raw = _tiny_study_dict(tmp_path)
+    raw["train"]["stage1"]["standardize_features"] = False
+    config = parse_config(raw)
+    paths = RunPaths.at(tmp_path)
+    train_study(config, paths, stages=("0", "1"), progress=False)
+    assert "standardized_features" not in models.read_checkpoint_meta(paths.checkpoint("test_resnet", "1"))

@@ -103,7 +103,15 @@ class ModelConfig(Section):
 
 
 class StageConfig(Section):
-    """Optimisation of one training stage (warm-up + cosine schedule, early stopping on ``monitor``)."""
+    """Optimisation of one training stage (warm-up + cosine schedule, early stopping on ``monitor``).
+
+    Stage 1 only (both default to on there): ``cache_features`` computes the frozen backbone's pooled
+    features once (no augmentation); ``standardize_features`` trains the head on standardized features,
+    then folds the standardization into the head's first linear layer, so the checkpoint is a plain model.
+    ``image_size`` sets the stage's input side for every model; ``image_scale`` instead multiplies each
+    model's own side (e.g. 0.5: stage 0 pretrains at half resolution, about 4x cheaper per image).
+    Stage 2 only: ``freeze_batchnorm`` keeps the backbone's BatchNorm running statistics fixed while every
+    weight trains (Keras' fine-tuning recipe), so fine-tuning starts from the function stage 1 ended with."""
 
     epochs: Annotated[int, Field(ge=0)] = 10
     lr: Annotated[float, Field(gt=0)] = 1e-3
@@ -115,9 +123,20 @@ class StageConfig(Section):
     patience: Annotated[int, Field(ge=1)] | None = 5
     monitor: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_macro_auroc"] = "val_macro_f1"
     grad_clip: Annotated[float, Field(gt=0)] | None = 5.0
-    cache_features: bool = False
+    cache_features: bool | None = None
+    standardize_features: bool | None = None
+    freeze_batchnorm: bool = False
     image_size: Annotated[int, Field(ge=16, le=1024)] | None = None
+    image_scale: Annotated[float, Field(gt=0.0, le=4.0)] | None = None
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_size_rule(self) -> StageConfig:
+        if self.image_size is not None and self.image_scale is not None:
+            raise ValueError(
+                f"image_size ({self.image_size}) and image_scale ({self.image_scale:g}) both set; keep one"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -131,8 +150,26 @@ class TrainConfig(Section):
     # 800 source images) for its features to transfer (measured: stage-1 test accuracy 0.46 after 15 epochs,
     # chance level after 4-6)
     stage0: StageConfig = StageConfig(epochs=15, lr=2e-3, monitor="val_accuracy", batch_size=16)
-    stage1: StageConfig = StageConfig(epochs=10, lr=3e-3, cache_features=True)
+    stage1: StageConfig = StageConfig(epochs=10, lr=3e-3)
     stage2: StageConfig = StageConfig(epochs=6, lr=3e-4)
+
+    @model_validator(mode="after")
+    def _stage1_only_options(self) -> TrainConfig:
+        for name in ("stage0", "stage2"):
+            stage = getattr(self, name)
+            for option in ("cache_features", "standardize_features"):
+                if getattr(stage, option):
+                    raise ValueError(
+                        f"train.{name}.{option} applies to stage 1 only (the frozen-backbone head); "
+                        f"remove it from train.{name}"
+                    )
+        for name in ("stage0", "stage1"):
+            if getattr(self, name).freeze_batchnorm:
+                raise ValueError(
+                    f"train.{name}.freeze_batchnorm applies to stage 2 only (stage 0 trains from scratch, "
+                    f"stage 1 keeps the whole backbone in eval mode); remove it from train.{name}"
+                )
+        return self
 
 
 class ExplainConfig(Section):

@@ -53,6 +53,7 @@ _DEFAULT_CAM_LAYERS: tuple[tuple[str, str], ...] = (
 )
 
 _FROZEN_FLAG = "_evidrift_frozen_backbone"
+_FROZEN_BN_FLAG = "_evidrift_frozen_batchnorm"
 _HUB_HOST = ("huggingface.co", 443)
 _HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -121,6 +122,83 @@ def build_head(in_features: int, num_classes: int, head: HeadConfig | None = Non
     return nn.Sequential(*layers)
 
 
+class StandardizedHead(nn.Module):
+    """A head applied to standardized pooled features: x [B, F] (or [B, F, 1, 1]) → ``head((x − mean) /
+    scale)``, logits [B, C]. Stage 1 trains its head so: the raw pooled features of a ReLU/BN backbone are
+    all ≥ 0 with a large common mean, which a linear probe fits badly in a few hundred steps (measured on the
+    demo's resnet50v2: test accuracy 0.29 raw, 0.52 standardized, same optimiser and budget).
+    ``fold_standardization`` turns it back into a plain head computing the same function."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, head: nn.Module, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        if mean.ndim != 1 or mean.shape != scale.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and scale {tuple(scale.shape)} must both be [F]")
+        if not bool((scale > 0).all()):
+            raise ValueError("every feature scale must be > 0")
+        self.head = head
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("scale", scale.detach().float().clone())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head((features.flatten(1) - self.mean) / self.scale)
+
+
+def _first_linear(head: nn.Module) -> tuple[nn.Linear, nn.Module | None]:
+    """The first ``nn.Linear`` of a head (Sequential order) and the module right after it (or None)."""
+    children = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    for index, child in enumerate(children):
+        if isinstance(child, nn.Linear):
+            return child, children[index + 1] if index + 1 < len(children) else None
+    raise ValueError(f"the head {type(head).__name__} has no nn.Linear layer to fold a standardization into")
+
+
+def can_center(head: nn.Module) -> bool:
+    """Whether a mean subtraction can be folded into ``head``: its first linear layer has a bias, or is
+    followed by a BatchNorm1d that absorbs the shift (a bias-free linear head can only be rescaled)."""
+    linear, after = _first_linear(head)
+    return linear.bias is not None or isinstance(after, nn.BatchNorm1d)
+
+
+def feature_standardization(
+    features: torch.Tensor, center: bool = True, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [F], scale [F]) float32 of pooled features [N, F]: the per-feature mean (zeros when not
+    ``center``) and population standard deviation; a feature that is constant (std ≤ ``eps``) keeps scale 1
+    so that it is only shifted, never blown up."""
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"features must be [N, F] with N ≥ 1, got {tuple(features.shape)}")
+    values = features.detach().double()
+    mean = values.mean(0) if center else torch.zeros(values.shape[1], dtype=torch.float64)
+    std = values.std(0, unbiased=False)
+    scale = torch.where(std > eps, std, torch.ones_like(std))
+    return mean.float(), scale.float()
+
+
+@torch.no_grad()
+def fold_standardization(wrapped: StandardizedHead) -> nn.Module:
+    """The plain head of ``wrapped`` with the standardization folded into its first linear layer (modified
+    in place and returned): W' = W / scale, and the shift W' · mean taken from the bias, or added to the
+    running mean of the BatchNorm1d that follows a bias-free layer. In eval mode the result computes exactly
+    ``wrapped``'s function (to float rounding); raises ValueError when a non-zero mean cannot be folded."""
+    head = wrapped.head
+    linear, after = _first_linear(head)
+    weight = linear.weight / wrapped.scale
+    shift = weight @ wrapped.mean
+    linear.weight.copy_(weight)
+    if linear.bias is not None:
+        linear.bias.sub_(shift)
+    elif isinstance(after, nn.BatchNorm1d) and after.running_mean is not None:
+        after.running_mean.add_(shift)
+    elif bool(wrapped.mean.any()):
+        raise ValueError(
+            "cannot fold a mean subtraction into a bias-free linear head; standardize with center=False"
+        )
+    return head
+
+
 def head_name(model: nn.Module) -> str:
     """Dotted path of the classifier (our head) inside a timm model, e.g. ``classifier`` or ``head.fc``."""
     model = unwrap(model)
@@ -182,6 +260,23 @@ def build_model(
     if weights not in ("none", "imagenet"):
         load_backbone_weights(model, weights)
     return model
+
+
+def check_input_size(model: nn.Module, size: int, where: str) -> None:
+    """Raise ValueError when ``model`` cannot take [1, 3, size, size] inputs (a stride-2 stem without
+    padding, e.g. inception_v3 below 75 px), naming ``where`` (the config keys that set the side). One
+    forward pass in eval mode without gradients; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    except RuntimeError as error:
+        raise ValueError(
+            f"{type(unwrap(model)).__name__} cannot take {size} x {size} px inputs ({error}); raise {where}"
+        ) from error
+    finally:
+        model.train(was_training)
 
 
 def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
@@ -331,12 +426,18 @@ def _head_related(name: str, head: str) -> bool:
     return name == "" or name == head or name.startswith(head + ".") or head.startswith(name + ".")
 
 
-def _train_keeping_backbone_frozen(self: nn.Module, mode: bool = True) -> nn.Module:
+def _train_honouring_freezes(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train(mode)`` that keeps the frozen backbone's modules (``freeze_backbone``) or the backbone's
+    BatchNorm layers (``freeze_batchnorm_stats``) in eval mode."""
     type(self).train(self, mode)
     if mode:
         head = head_name(self)
+        whole_backbone = getattr(self, _FROZEN_FLAG, False)
+        batchnorm = getattr(self, _FROZEN_BN_FLAG, False)
         for name, module in self.named_modules():
-            if not _head_related(name, head):
+            if _head_related(name, head):
+                continue
+            if whole_backbone or (batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm)):
                 module.training = False
     return self
 
@@ -349,18 +450,34 @@ def freeze_backbone(model: nn.Module) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(head + "."))
     setattr(model, _FROZEN_FLAG, True)
-    model.train = types.MethodType(_train_keeping_backbone_frozen, model)  # type: ignore[method-assign]
+    model.train = types.MethodType(_train_honouring_freezes, model)  # type: ignore[method-assign]
+    model.train(model.training)
+    return model
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> nn.Module:
+    """Keep the backbone's BatchNorm layers in eval mode (running statistics fixed, normalising with them)
+    even when ``model.train()`` is called, while every parameter, BatchNorm's affine ones included, stays
+    trainable: Keras' fine-tuning recipe (``base_model(x, training=False)``). Fine-tuning then starts from
+    the function the stage-1 head was trained on, instead of switching to batch statistics that can differ
+    from the running ones by a third of the features' norm. ``unfreeze`` undoes it. Returns the model."""
+    model = unwrap(model)
+    setattr(model, _FROZEN_BN_FLAG, True)
+    model.train = types.MethodType(_train_honouring_freezes, model)  # type: ignore[method-assign]
     model.train(model.training)
     return model
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
-    """Make every parameter trainable and restore the plain ``train()`` behaviour. Returns the model."""
+    """Make every parameter trainable and restore the plain ``train()`` behaviour (undoes ``freeze_backbone``
+    and ``freeze_batchnorm_stats``). Returns the model."""
     model = unwrap(model)
     for param in model.parameters():
         param.requires_grad_(True)
-    if getattr(model, _FROZEN_FLAG, False):
-        delattr(model, _FROZEN_FLAG)
+    for flag in (_FROZEN_FLAG, _FROZEN_BN_FLAG):
+        if getattr(model, flag, False):
+            delattr(model, flag)
+    if "train" in vars(model):
         del model.train
     model.train(model.training)
     return model

@@ -137,8 +137,12 @@ def stage_hash(config: StudyConfig, model_cfg: ModelConfig, stage: str) -> str:
 
 
 def image_size_for(model_cfg: ModelConfig, stage_cfg: StageConfig) -> int:
-    """Input side: the stage's ``image_size``, else the model's, else the architecture's default."""
-    return stage_cfg.image_size or model_cfg.image_size or models.default_input_size(model_cfg.arch)
+    """Input side in pixels: the stage's ``image_size``; else the model's side (its ``image_size``, else the
+    architecture's default) times the stage's ``image_scale`` when set, rounded, at least 16."""
+    if stage_cfg.image_size is not None:
+        return stage_cfg.image_size
+    side = model_cfg.image_size or models.default_input_size(model_cfg.arch)
+    return max(16, round(side * stage_cfg.image_scale)) if stage_cfg.image_scale is not None else side
 
 
 @contextlib.contextmanager
@@ -500,13 +504,19 @@ def train_stage(
             model = models.build_model(model_cfg.arch, len(classes), head, "none")
             model.load_state_dict(load_file(str(previous.final)), strict=True)
         model.to(ctx.device)
+        models.check_input_size(
+            model, size, f"train.stage{stage}.image_size / image_scale or models[{model_cfg.key}].image_size"
+        )
         if ctx.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
         if stage == "1":
             models.freeze_backbone(model)
+        if stage == "2" and cfg.freeze_batchnorm:
+            models.freeze_batchnorm_stats(model)
         torch.manual_seed(seed + 1)
 
-        augment = config.data.augment and not (stage == "1" and cfg.cache_features)
+        cached = caches_features(cfg, stage)
+        augment = config.data.augment and not cached
         pin = ctx.device.type == "cuda"
         workers = config.train.num_workers
         train_feed: Feed = ImageFeed(
@@ -522,9 +532,7 @@ def train_stage(
 
         extra: dict[str, Any] = {}
         if stage == "1":
-            head_module = models.get_head(model)
-            trainable = _ddp(head_module, ctx)
-            if cfg.cache_features:
+            if cached:
                 folder = files.final.parent
                 train_feed = _cached_features(
                     model, train_feed, ctx, cfg.batch_size, folder / "stage1.features.train.safetensors", tag
@@ -532,13 +540,26 @@ def train_stage(
                 val_feed = _cached_features(
                     model, val_feed, ctx, cfg.batch_size, folder / "stage1.features.val.safetensors", tag
                 )
-                forward_train, forward_eval = trainable, head_module
                 extra["feature_cache_seconds"] = train_feed.seconds + val_feed.seconds
                 if ctx.is_main:
                     logger.info(
                         "%s: cached the features of %d train + %d val images in %.1f s", label,
                         len(train_feed), len(val_feed), extra["feature_cache_seconds"],
                     )  # fmt: skip
+            if standardizes_features(cfg, stage):
+                if isinstance(train_feed, TensorFeed):
+                    features = train_feed.x
+                else:  # one pass over the un-augmented training images
+                    plain = _dataset(_split(frame, "train"), classes, size, config, mean, std, False, seed)
+                    _, features = predict_logits(
+                        lambda x: models.pooled_features(model, x), ImageFeed(plain, workers, pin), ctx,
+                        cfg.batch_size, autocast=pin, channels_last=pin,
+                    )  # fmt: skip
+                extra["standardized_features"] = standardize_head(model, features)
+            head_module = models.get_head(model)
+            trainable = _ddp(head_module, ctx)
+            if cached:
+                forward_train, forward_eval = trainable, head_module
             else:
 
                 def forward_train(x: torch.Tensor) -> torch.Tensor:
@@ -562,6 +583,29 @@ def train_stage(
     return files.final
 
 
+def caches_features(cfg: StageConfig, stage: str) -> bool:
+    """Whether the stage trains its head on cached pooled features (stage 1 unless turned off)."""
+    return stage == "1" and cfg.cache_features is not False
+
+
+def standardizes_features(cfg: StageConfig, stage: str) -> bool:
+    """Whether the stage trains its head on standardized features (stage 1 unless turned off)."""
+    return stage == "1" and cfg.standardize_features is not False
+
+
+def standardize_head(model: nn.Module, features: torch.Tensor) -> str:
+    """Replace the model's head by a ``StandardizedHead`` fitted on the training features [N, F]: centred
+    and scaled, or only scaled when the head cannot absorb a shift (a bias-free linear head). Returns which
+    (``"center+scale"`` or ``"scale"``), recorded in the checkpoint's sidecar."""
+    net = models.unwrap(model)
+    head = models.get_head(net)
+    center = models.can_center(head)
+    mean, scale = models.feature_standardization(features, center=center)
+    device = next(head.parameters()).device
+    net.set_submodule(models.head_name(net), models.StandardizedHead(head, mean.to(device), scale.to(device)))
+    return "center+scale" if center else "scale"
+
+
 def _ddp(module: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return module
@@ -578,8 +622,10 @@ def _finalize(
     net = models.unwrap(model)
     if files.best.is_file():
         models.unwrap(trainable).load_state_dict(load_file(str(files.best)), strict=True)
-    if stage == "1":
-        models.unfreeze(net)
+    head_module = models.get_head(net)
+    if isinstance(head_module, models.StandardizedHead):  # a plain head again, same function
+        net.set_submodule(models.head_name(net), models.fold_standardization(head_module))
+    models.unfreeze(net)
     net.eval()
     meta = {
         "arch": model_cfg.arch,

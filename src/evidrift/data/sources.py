@@ -125,7 +125,8 @@ def prepare_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
 
 def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
     """Generate (or reuse) the stage-0 source set under ``run/data/source`` (``data.phantom.n_source`` images
-    of ``SOURCE_CLASSES`` at ``data.phantom.size``), split it like the target data and write its manifest
+    of ``SOURCE_CLASSES`` at ``data.phantom.size``), split it into train and val (``data.split.val``, else
+    0.15; no test split: nothing evaluates stage 0 on held-out images) and write its manifest
     (``run/data/source/manifest.parquet`` + ``classes.json``, same columns). Returns the manifest."""
     phantom = config.data.phantom
     if phantom.n_source < len(SOURCE_CLASSES):
@@ -148,7 +149,7 @@ def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
         classes=classes,
         origin=origin,
         val=config.data.split.val if config.data.split.val > 0 else 0.15,
-        test=config.data.split.test,
+        test=0.0,  # stage 0 only trains and validates: every other image is a training image
         seed=config.data.split.seed,
         on_bad_image="error",
     )
