@@ -216,6 +216,7 @@ def evaluate_study(
                 for m in ("accuracy", "macro_f1", "macro_auroc")
             ]
             rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells)
-        Console().print(rich_table)
+        console = Console()
+        (console if console.is_terminal else Console(width=120)).print(rich_table)  # a log keeps whole rows
     distributed.barrier(ctx)
     return summary
