@@ -31,8 +31,8 @@ def _default_preset() -> dict[str, Any]:
     # the cheapest per pixel). Stage 0 runs at half those sides (inception_v3's 96 px is above its 75 px
     # minimum), batch 8: ~250 optimizer steps, which its features need before they transfer (3 epochs of
     # ~40 steps at full size left stage 1 at chance). Stage 2 keeps BatchNorm's statistics and a low learning
-    # rate, since the standardized stage-1 heads are sharp. Measured on 2 idle cores: 7 min 41 s, 2.36 GiB peak
-    # RSS; test accuracy 0.38-0.51 at stage 1 and 0.43-0.48 at stage 2 (chance 0.20).
+    # rate, since the standardized stage-1 heads are sharp. Measured on 2 idle cores: 7 min 41 s, 2.36 GiB
+    # peak RSS; test accuracy 0.38-0.51 at stage 1 and 0.43-0.48 at stage 2 (chance 0.20).
     sizes = {"densenet201": 128, "resnet50v2": 128, "inceptionv3": 192}
     return {
         "seed": 0,
