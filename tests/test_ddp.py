@@ -166,10 +166,8 @@ def test_torchrun_whole_run_matches_single_process(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(
         tables[0].drop(columns=["prob_stage2"]), tables[1].drop(columns=["prob_stage2"])
     )
-    torch.testing.assert_close(
-        torch.from_numpy(np.stack(tables[0]["prob_stage2"])), torch.from_numpy(np.stack(tables[1]["prob_stage2"])),
-        rtol=0, atol=5e-3,
-    )  # fmt: skip
+    probs = [torch.from_numpy(np.stack(table["prob_stage2"])) for table in tables]
+    torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=5e-3)
     a, b = pd.read_parquet(ddp.drift), pd.read_parquet(single.drift)
     assert len(a) == len(b) > 0
     keys = ["arch", "method", "id"]
