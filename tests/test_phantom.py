@@ -12,18 +12,21 @@ import pytest
 
 from evidrift.data.phantom import (
     CLASSES,
-    SOURCE_CLASSES,
-    SOURCE_VERSION,
-    _source_pattern,
     generate_phantom_set,
-    generate_source_set,
     mask_bbox,
     render_phantom,
-    render_source,
     to_png_bytes,
     write_preview,
 )
+from evidrift.data.procedural import grid, ramp, smooth_noise, smoothstep
 from evidrift.data.readers import read_image, read_mask
+from evidrift.data.source_task import (
+    SOURCE_CLASSES,
+    SOURCE_VERSION,
+    _source_pattern,
+    generate_source_set,
+    render_source,
+)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -215,3 +218,16 @@ def test_lesions_sit_where_the_classes_say() -> None:
     assert all(left and right for _, _, left, right in viral + covid)  # bilateral
     assert np.mean([row for row, *_ in covid]) > np.mean([row for row, *_ in viral])  # covid: lower zones
     assert np.mean([spread for _, spread, *_ in covid]) > np.mean([spread for _, spread, *_ in viral]) + 0.05
+
+
+def test_procedural_primitives_by_hand() -> None:
+    x, y = grid(4)
+    np.testing.assert_array_equal(x, [[-0.75, -0.25, 0.25, 0.75]])
+    np.testing.assert_array_equal(y[:, 0], [-0.75, -0.25, 0.25, 0.75])
+    np.testing.assert_allclose(ramp(np.array([-1.0, -0.25, 0.0, 0.1, 1.0]), 0.5), [0.0, 0.0, 0.5, 0.7, 1.0])
+    np.testing.assert_allclose(smoothstep(np.array([-1.0, 0.5, 2.0])), [0.0, 0.5, 1.0])
+    noise = smooth_noise(np.random.default_rng(3), 64, 8)
+    assert noise.dtype == np.float32 and noise.shape == (64, 64)
+    np.testing.assert_array_equal(noise, smooth_noise(np.random.default_rng(3), 64, 8))  # deterministic
+    assert 0.4 < float(noise.std()) < 1.2
+    assert float(np.abs(np.diff(noise, axis=1)).max()) < 1.0  # band-limited: no pixel-to-pixel jumps

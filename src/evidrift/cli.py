@@ -77,7 +77,8 @@ def phantoms(
     preview: Annotated[bool, typer.Option("--preview/--no-preview", help="also write preview.png")] = True,
 ) -> None:
     """Generate the phantom chest X-ray set: PNG images, lesion-mask PNGs, manifest.csv and preview.png."""
-    from evidrift.data.phantom import generate_phantom_set, generate_source_set, write_preview
+    from evidrift.data.phantom import generate_phantom_set, write_preview
+    from evidrift.data.source_task import generate_source_set
 
     if source:
         manifest = generate_source_set(out, n, size, seed, workers=workers)

@@ -1,4 +1,4 @@
-"""Procedural chest X-ray phantoms with exact lesion masks, and the stage-0 ``source`` set (DESIGN § 9).
+"""Procedural chest X-ray phantoms with exact lesion masks (DESIGN § 9), and the writing of generated sets.
 
 A phantom is a PA (posteroanterior) chest radiograph seen from the viewer: the patient's right is on the
 image's left, so the heart bulges to the image's right. Anatomy: soft-tissue thorax with shoulders and neck,
@@ -17,7 +17,7 @@ Classes and their lesions (intensity added to the lung fields; the mask is exact
 - ``tuberculosis``: upper-zone nodules and cavities (bright rim, fainter centre), one or both lungs.
 
 Everything is vectorised numpy on float32 grids (coordinates are separable: u [1, S] across, v [S, 1] down,
-so profiles along one axis cost 1-D work); one image is a pure function of its
+so profiles along one axis cost 1-D work; primitives in ``procedural``); one image is a pure function of its
 ``numpy.random.Generator``, so a set is deterministic by seed (per-image seeds from ``SeedSequence.spawn``)
 and PNG files are written with fixed settings, making the same seed produce byte-identical files.
 """
@@ -28,38 +28,17 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from evidrift.artifacts import write_csv_atomic
+from evidrift.data.procedural import grid, periodic_bands, ramp, smooth_noise, smoothstep
 
 CLASSES: tuple[str, ...] = ("normal", "bacterial_pneumonia", "viral_pneumonia", "covid19", "tuberculosis")
 
-#: Classes of the stage-0 source task (synthetic patterns, textures and shapes; not chest X-ray classes).
-SOURCE_CLASSES: tuple[str, ...] = (
-    "empty",
-    "dense_patch",
-    "haze_bilateral",
-    "reticular",
-    "patchy_lower",
-    "nodules_upper",
-    "nodules_lower",
-    "rings",
-    "bands",
-    "large_shape",
-)
-
 #: Version of the generator; part of the parameters that decide whether a generated set can be reused.
 PHANTOM_VERSION = 1
-
-#: Version of the source-set generator (2: lesion-like patterns on lesion-free chests or smooth backgrounds,
-#: replacing the shapes and stripes of version 1, whose features barely transferred to the phantom classes).
-SOURCE_VERSION = 2
-
-#: Share of source images drawn on a lesion-free phantom chest (the rest on smooth synthetic backgrounds).
-SOURCE_CHEST_BACKGROUND = 0.5
 
 #: Where the class-correlated marker sits (a shortcut): (row, column) anchors in units of the image side.
 _MARKER_ANCHORS: dict[str, tuple[float, float]] = {
@@ -85,66 +64,12 @@ PNG_COMPRESS_LEVEL = 1
 LESION_FLOOR = 2.0 / 255.0
 
 
-# --- grids and noise ----------------------------------------------------------------------------------------
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [-1, 1]: (x [1, S] left → right, y [S, 1] top → bottom), float32."""
-    axis = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
-    return axis[None, :], axis[:, None]
-
-
-@lru_cache(maxsize=32)
-def _interp_weights(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each pixel: the lower lattice index (int64 [S]) and the weight of the upper one (float32 [S]) of a
-    linear interpolation from a ``cells`` lattice spanning the image."""
-    position = (np.arange(size, dtype=np.float64) + 0.5) / size * cells
-    low = np.minimum(np.floor(position).astype(np.int64), cells - 1)
-    return low, (position - low).astype(np.float32)
-
-
-def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Band-limited noise float32 [S, S] (about unit std): a ``cells`` lattice of N(0, 1), bilinear upsampled.
-
-    Gathers and multiply-adds only (no BLAS), so the values are bit-identical on every machine."""
-    lattice = rng.standard_normal((cells + 1, cells + 1), dtype=np.float32)
-    low, frac = _interp_weights(size, cells)
-    rows = lattice[low] * (1.0 - frac)[:, None] + lattice[low + 1] * frac[:, None]  # [S, cells + 1]
-    return (rows[:, low] * (1.0 - frac)[None, :] + rows[:, low + 1] * frac[None, :]).astype(np.float32)
-
-
-def _ramp(value: np.ndarray, width: float) -> np.ndarray:
-    """Soft step: 0 for value <= -width/2, 1 for value >= width/2, linear between (exact zeros outside)."""
-    return np.clip(value * (1.0 / width) + 0.5, 0.0, 1.0)
-
-
-def _smoothstep(value: np.ndarray) -> np.ndarray:
-    """3t² − 2t³ of t clipped to [0, 1]."""
-    t = np.clip(value, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _periodic_bands(
-    w: np.ndarray, first: float, spacing: float, growth: float, count: int, thickness: float
-) -> np.ndarray:
-    """Bands along the coordinate ``w``: band k centred at first + k·spacing + k²·growth (k = 0..count-1),
-    Gaussian profile of std ``thickness``; returns float32 like ``w`` in [0, 1]."""
-    shifted = np.maximum(w - first, -spacing)
-    if growth > 0:
-        k = (-spacing + np.sqrt(np.maximum(spacing * spacing + 4.0 * growth * shifted, 0.0))) / (2.0 * growth)
-    else:
-        k = shifted / spacing
-    nearest = np.clip(np.rint(k), 0, count - 1)
-    local = spacing + 2.0 * growth * nearest
-    distance = (k - nearest) * local
-    return np.exp(-0.5 * (distance / thickness) ** 2).astype(np.float32)
-
-
 # --- the chest ----------------------------------------------------------------------------------------------
 class _Anatomy:
     """Per-image anatomy: local coordinates, lung fields and the lesion-free attenuation image."""
 
     def __init__(self, rng: np.random.Generator, size: int) -> None:
-        x, y = _grid(size)
+        x, y = grid(size)
         self.size = size
         # patient position, scale and build (local coordinates: u [1, S] across, v [S, 1] down; keeping them
         # separable makes every profile along one axis a 1-D computation)
@@ -161,7 +86,7 @@ class _Anatomy:
         width_v = np.interp(
             v, [-1.3, -0.98, -0.86, -0.74, -0.3, 0.5, 1.3], [0.24, 0.26, 0.7, 0.96, 0.97, 0.93, 0.9]
         ).astype(np.float32) * np.float32(rng.uniform(0.96, 1.04))
-        inside = _ramp(width_v - a, 0.04)
+        inside = ramp(width_v - a, 0.04)
         thickness = np.sqrt(np.clip(1.0 - (a / width_v) ** 2, 0.0, 1.0))
         body = inside * (0.42 + 0.26 * thickness)
 
@@ -177,13 +102,13 @@ class _Anatomy:
         lift = np.where(u < 0, np.float32(right_dome_lift), np.float32(0.0))
         dome = v_base - 0.26 * np.exp(-(((a - 0.36) / 0.26) ** 2)) - lift
         lungs = (
-            _ramp(a - medial, edge * 2)
-            * _ramp(lateral - a, edge * 3)
-            * _ramp(dome - v, edge * 2)
-            * _ramp(v - v_apex, edge * 4)
+            ramp(a - medial, edge * 2)
+            * ramp(lateral - a, edge * 3)
+            * ramp(dome - v, edge * 2)
+            * ramp(v - v_apex, edge * 4)
         ).astype(np.float32)
         # lucency is deepest in the middle of each field; periphery and bases overlap more soft tissue
-        core = _ramp(lateral - a - 0.06, 0.16) * _ramp(dome - v - 0.04, 0.2) * _ramp(a - medial - 0.02, 0.1)
+        core = ramp(lateral - a - 0.06, 0.16) * ramp(dome - v - 0.04, 0.2) * ramp(a - medial - 0.02, 0.1)
 
         # heart (the patient's left = the image's right), aortic knob, trachea
         # cardiomediastinal silhouette: left border (aortic knob, pulmonary trunk, left ventricle to the apex)
@@ -199,10 +124,10 @@ class _Anatomy:
         right[4:] *= 0.5 + 0.5 * heart_size
         left_v = np.interp(v, levels, left).astype(np.float32)
         right_v = np.interp(v, levels, right).astype(np.float32)
-        cardiac = _ramp(left_v - u, 0.03) * _ramp(u + right_v, 0.03) * _ramp(v - levels[0], 0.1)
+        cardiac = ramp(left_v - u, 0.03) * ramp(u + right_v, 0.03) * ramp(v - levels[0], 0.1)
         lungs = lungs * (1.0 - cardiac)
         self.lungs = lungs
-        trachea = _ramp(0.032 - np.abs(u + 0.01 * (v + 0.4)), 0.02) * _ramp(-0.34 - v, 0.08)
+        trachea = ramp(0.032 - np.abs(u + 0.01 * (v + 0.4)), 0.02) * ramp(-0.34 - v, 0.08)
 
         # lung markings: vessels fanning out from the hila, fading to the periphery
         du_h, dv_h = a - 0.16, v + 0.02
@@ -217,24 +142,22 @@ class _Anatomy:
         markings = tables.ravel()[index] * np.exp(-radius / 0.3)
         hilum = np.exp(-(((a - 0.17) / 0.07) ** 2 + ((v + 0.02) / 0.14) ** 2))
         lung_density = (
-            0.05 * markings + 0.06 * hilum + 0.012 * smooth_noise(rng, size, 24) + 0.04 * _smoothstep(t - 0.5)
+            0.05 * markings + 0.06 * hilum + 0.012 * smooth_noise(rng, size, 24) + 0.04 * smoothstep(t - 0.5)
         )
 
         # bones: spine, posterior ribs, anterior ribs, clavicles (ribs hidden below the domes)
-        spine = _ramp(0.065 - a, 0.02) * (0.05 + 0.02 * np.cos(2 * math.pi * v / 0.11))
+        spine = ramp(0.065 - a, 0.02) * (0.05 + 0.02 * np.cos(2 * math.pi * v / 0.11))
         rib_first = rng.uniform(-0.80, -0.74)
         rib_space = rng.uniform(0.095, 0.105)
-        chest = _ramp(lateral + 0.1 - a, 0.06) * _ramp(dome + 0.06 - v, 0.08)
+        chest = ramp(lateral + 0.1 - a, 0.06) * ramp(dome + 0.06 - v, 0.08)
         posterior_w = v - (-0.22 * a + 0.56 * a * a)
-        posterior = _periodic_bands(posterior_w, rib_first, rib_space, 0.004, 10, 0.016)
-        posterior = posterior * _ramp(a - 0.06, 0.04) * chest
+        posterior = periodic_bands(posterior_w, rib_first, rib_space, 0.004, 10, 0.016)
+        posterior = posterior * ramp(a - 0.06, 0.04) * chest
         anterior_w = v - (0.5 * (0.85 - a) - 0.22 * (0.85 - a) ** 2)
-        anterior = _periodic_bands(anterior_w, rib_first + 0.04, rib_space * 1.15, 0.002, 7, 0.015)
-        anterior = anterior * _ramp(a - 0.3, 0.1) * chest
+        anterior = periodic_bands(anterior_w, rib_first + 0.04, rib_space * 1.15, 0.002, 7, 0.015)
+        anterior = anterior * ramp(a - 0.3, 0.1) * chest
         clavicle_v = -0.7 - 0.30 * a + 0.30 * a * a + rng.normal(0.0, 0.015)
-        clavicle = (
-            np.exp(-0.5 * ((v - clavicle_v) / 0.024) ** 2) * _ramp(a - 0.07, 0.04) * _ramp(0.7 - a, 0.08)
-        )
+        clavicle = np.exp(-0.5 * ((v - clavicle_v) / 0.024) ** 2) * ramp(a - 0.07, 0.04) * ramp(0.7 - a, 0.08)
         bones = 0.075 * posterior + 0.03 * anterior + 0.12 * clavicle + spine
         # gastric air bubble under the left hemidiaphragm (the image's right)
         bubble_v = v_base - 0.26 * math.exp(-(((0.4 - 0.36) / 0.26) ** 2)) + 0.1
@@ -248,7 +171,7 @@ class _Anatomy:
             - lungs * (air * (0.72 + 0.28 * core) - lung_density)
             - 0.1 * bubble * (1.0 - lungs)
             - 0.16 * trachea * inside
-            + 0.04 * cardiac * _ramp(dome - v, 0.05)
+            + 0.04 * cardiac * ramp(dome - v, 0.05)
             + bones * inside
         ).astype(np.float32)
         # exposure / detector response (strictly increasing, so lesion pixels stay distinguishable)
@@ -292,7 +215,7 @@ def _lesion(label: str, anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarr
                 rng.uniform(0.09, 0.15),
             )
         fissure = cv - rng.uniform(0.08, 0.16)
-        shape = _smoothstep((field * (1.0 + 0.3 * texture) - 0.55) / 0.35) * _ramp(anatomy.v - fissure, 0.02)
+        shape = smoothstep((field * (1.0 + 0.3 * texture) - 0.55) / 0.35) * ramp(anatomy.v - fissure, 0.02)
         lesion = rng.uniform(0.2, 0.3) * shape * (0.85 + 0.15 * np.tanh(fine)) * _zone_box(anatomy, side)
     elif label == "viral_pneumonia":
         field = np.zeros_like(lesion)
@@ -302,7 +225,7 @@ def _lesion(label: str, anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarr
                 anatomy, cu, rng.uniform(-0.05, 0.18), rng.uniform(0.14, 0.2), rng.uniform(0.18, 0.28)
             )
         reticular = 0.5 + 0.5 * np.cos(fine * 2.5)
-        shape = _smoothstep((field * (1.0 + 0.3 * texture) - 0.3) / 0.5) * (0.4 + 0.6 * reticular)
+        shape = smoothstep((field * (1.0 + 0.3 * texture) - 0.3) / 0.5) * (0.4 + 0.6 * reticular)
         lesion = rng.uniform(0.1, 0.15) * shape * anatomy.lungs
     elif label == "covid19":
         field = np.zeros_like(lesion)
@@ -311,8 +234,8 @@ def _lesion(label: str, anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarr
                 cu = side * rng.uniform(0.4, 0.66)
                 cv = rng.uniform(0.05, 0.35)
                 field += _blob(anatomy, cu, cv, rng.uniform(0.08, 0.14), rng.uniform(0.1, 0.17))
-        patchy = _smoothstep((texture + 0.8) / 1.6)
-        shape = _smoothstep((field * (0.6 + 0.6 * patchy) - 0.3) / 0.5)
+        patchy = smoothstep((texture + 0.8) / 1.6)
+        shape = smoothstep((field * (0.6 + 0.6 * patchy) - 0.3) / 0.5)
         lesion = rng.uniform(0.1, 0.15) * shape * anatomy.lungs
     elif label == "tuberculosis":
         sides = [float(rng.choice([-1.0, 1.0]))] if rng.random() < 0.5 else [-1.0, 1.0]
@@ -324,14 +247,14 @@ def _lesion(label: str, anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarr
                 radius = rng.uniform(0.025, 0.05)
                 r = np.sqrt((anatomy.u - cu) ** 2 + (anatomy.v - cv) ** 2) / radius
                 if rng.random() < 0.3:  # cavity: bright wall, fainter centre
-                    nodule = 0.35 * _ramp(1.4 - r, 0.3) + 0.65 * np.exp(-0.5 * ((r - 1.0) / 0.22) ** 2) * (
+                    nodule = 0.35 * ramp(1.4 - r, 0.3) + 0.65 * np.exp(-0.5 * ((r - 1.0) / 0.22) ** 2) * (
                         r < 1.6
                     )
                 else:
-                    nodule = _ramp(1.0 - r, 0.5)
+                    nodule = ramp(1.0 - r, 0.5)
                 field = np.maximum(field, nodule.astype(np.float32))
             haze = _blob(anatomy, side * 0.38, -0.42, 0.18, 0.14)
-            field = np.maximum(field, 0.35 * _smoothstep((haze * (1.0 + 0.3 * texture) - 0.45) / 0.4))
+            field = np.maximum(field, 0.35 * smoothstep((haze * (1.0 + 0.3 * texture) - 0.45) / 0.4))
         lesion = rng.uniform(0.16, 0.24) * field * anatomy.lungs
     else:
         raise ValueError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
@@ -390,174 +313,6 @@ def render_phantom(
     return image, mask
 
 
-# --- the stage-0 source task --------------------------------------------------------------------------------
-def _source_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A varied smooth grey background float32 [S, S]: level, large-scale undulation, a linear gradient, soft
-    large bright/dark ellipses and bands (distractors, the same for every class), fine texture."""
-    x, y = _grid(size)
-    level = rng.uniform(0.22, 0.6)
-    background = level + rng.uniform(0.02, 0.06) * smooth_noise(rng, size, int(rng.integers(2, 5)))
-    angle = rng.uniform(0.0, 2 * math.pi)
-    background = background + rng.uniform(0.0, 0.06) * (x * math.cos(angle) + y * math.sin(angle))
-    for _ in range(int(rng.integers(0, 4))):  # large ellipses, soft or sharp edged, either sign
-        cx, cy = rng.uniform(-0.8, 0.8, size=2)
-        rx, ry = rng.uniform(0.15, 0.6, size=2)
-        distance = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
-        inside = _ramp(1.0 - distance, rng.uniform(0.03, 0.8))
-        background = background + rng.uniform(-0.08, 0.04) * inside
-    if rng.random() < 0.5:  # a soft straight band (bone-like), any orientation
-        theta = rng.uniform(0.0, math.pi)
-        offset = rng.uniform(-0.6, 0.6)
-        across = x * math.cos(theta) + y * math.sin(theta) - offset
-        background = background + rng.uniform(0.03, 0.08) * np.exp(
-            -0.5 * (across / rng.uniform(0.03, 0.1)) ** 2
-        )
-    background = background + rng.uniform(0.005, 0.02) * smooth_noise(rng, size, 24)
-    return background.astype(np.float32)
-
-
-def _soft_blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
-    """Separable Gaussian float32 [S, S] centred at (cx, cy) with stds (rx, ry), peak 1."""
-    return (np.exp(-0.5 * ((y - cy) / ry) ** 2) * np.exp(-0.5 * ((x - cx) / rx) ** 2)).astype(np.float32)
-
-
-def _small_discs(
-    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, count: int, ys: tuple[float, float], ring: bool
-) -> np.ndarray:
-    """``count`` small discs (or rings: bright rim, faint centre) of radius 0.05-0.1 with centres at
-    |x| in [0.15, 0.75] (random side) and y in ``ys``; union (max) float32 [S, S] in [0, 1]."""
-    field = np.zeros((y.shape[0], x.shape[1]), dtype=np.float32)
-    for _ in range(count):
-        cx = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.15, 0.75)
-        cy = rng.uniform(*ys)
-        radius = rng.uniform(0.05, 0.1)
-        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / radius
-        if ring:
-            shape = np.maximum(0.25 * _ramp(1.2 - r, 0.3), np.exp(-0.5 * ((r - 1.0) / 0.2) ** 2) * (r < 1.6))
-        else:
-            shape = _ramp(1.0 - r, 0.4)
-        field = np.maximum(field, shape.astype(np.float32))
-    return field
-
-
-def _source_pattern(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """The class-defining pattern of a source image, float32 [S, S] in about [0, 1] (0 = no change)."""
-    x, y = _grid(size)
-    zeros = np.zeros((size, size), dtype=np.float32)
-    if label == "empty":
-        return zeros
-    if label == "dense_patch":  # one dense, sharp-edged patch on one side
-        side = float(rng.choice([-1.0, 1.0]))
-        cx, cy = side * rng.uniform(0.3, 0.55), rng.uniform(-0.45, 0.45)
-        field = zeros.copy()
-        for _ in range(3):
-            field += _soft_blob(
-                x, y, cx + rng.normal(0, 0.07), cy + rng.normal(0, 0.07), *rng.uniform(0.1, 0.2, size=2)
-            )
-        shape = _smoothstep((field * (1.0 + 0.3 * smooth_noise(rng, size, 12)) - 0.45) / 0.35)
-        if rng.random() < 0.5:  # a straight sharp border on top, like a fissure
-            shape = shape * _ramp(y - (cy - rng.uniform(0.05, 0.15)), 0.02)
-        return shape
-    if label == "haze_bilateral":  # faint, diffuse haze on both sides near the middle
-        field = zeros.copy()
-        cy = rng.uniform(-0.3, 0.3)
-        for side in (-1.0, 1.0):
-            field += _soft_blob(
-                x,
-                y,
-                side * rng.uniform(0.15, 0.4),
-                cy + rng.normal(0, 0.08),
-                *rng.uniform(0.12, 0.25, size=2),
-            )
-        return np.clip(field * (0.8 + 0.2 * smooth_noise(rng, size, 16)), 0.0, 1.0) * 0.6
-    if label == "reticular":  # net-like texture in one or two soft regions
-        net = 0.5 + 0.5 * np.cos(smooth_noise(rng, size, int(rng.integers(32, 56))) * 2.5)
-        region = zeros.copy()
-        for side in [-1.0, 1.0] if rng.random() < 0.5 else [float(rng.choice([-1.0, 1.0]))]:
-            region += _soft_blob(
-                x, y, side * rng.uniform(0.2, 0.5), rng.uniform(-0.4, 0.4), *rng.uniform(0.15, 0.3, size=2)
-            )
-        return np.clip(region, 0.0, 1.0) * net
-    if label == "patchy_lower":  # blotchy patches along both outer edges of the lower half
-        patches = _smoothstep((smooth_noise(rng, size, 10) + 0.6) / 1.2)
-        field = zeros.copy()
-        for side in (-1.0, 1.0):
-            for _ in range(2):
-                field += _soft_blob(
-                    x,
-                    y,
-                    side * rng.uniform(0.45, 0.75),
-                    rng.uniform(0.15, 0.6),
-                    *rng.uniform(0.08, 0.16, size=2),
-                )
-        return _smoothstep((field * (0.5 + 0.7 * patches) - 0.25) / 0.5)
-    if label == "nodules_upper":
-        return _small_discs(rng, x, y, int(rng.integers(3, 8)), (-0.75, -0.15), ring=False)
-    if label == "nodules_lower":
-        return _small_discs(rng, x, y, int(rng.integers(3, 8)), (0.15, 0.75), ring=False)
-    if label == "rings":
-        return _small_discs(rng, x, y, int(rng.integers(2, 6)), (-0.75, 0.75), ring=True)
-    if label == "bands":  # parallel (slightly curved) bands over part of the image
-        theta = rng.uniform(0.0, math.pi)
-        along = x * math.cos(theta) + y * math.sin(theta)
-        across = -x * math.sin(theta) + y * math.cos(theta)
-        bend = rng.uniform(-0.4, 0.4)
-        period = rng.uniform(0.1, 0.22)
-        waves = 0.5 + 0.5 * np.cos(
-            2 * math.pi * (along + bend * across**2) / period + rng.uniform(0, 2 * math.pi)
-        )
-        region = _soft_blob(x, y, *rng.uniform(-0.4, 0.4, size=2), *rng.uniform(0.3, 0.6, size=2))
-        return (waves**2 * np.minimum(region * 1.5, 1.0)).astype(np.float32)
-    if label == "large_shape":  # a disc, square or triangle with sharp edges
-        cx, cy = rng.uniform(-0.4, 0.4, size=2)
-        radius = rng.uniform(0.2, 0.45)
-        angle = rng.uniform(0.0, 2 * math.pi)
-        u = (x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)
-        v = -(x - cx) * math.sin(angle) + (y - cy) * math.cos(angle)
-        edge = max(3.0 / size, 0.01)
-        kind = int(rng.integers(0, 3))
-        if kind == 0:
-            return _ramp(radius - np.sqrt(u * u + v * v), edge)
-        if kind == 1:
-            return _ramp(0.8 * radius - np.maximum(np.abs(u), np.abs(v)), edge)
-        shape = np.ones((size, size), dtype=np.float32)
-        for k in range(3):
-            phi = 2 * math.pi * k / 3
-            shape = shape * _ramp(0.5 * radius - (u * math.cos(phi) + v * math.sin(phi)), edge)
-        return shape
-    raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
-
-
-def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One image of the source task: the pattern of class ``label`` (``SOURCE_CLASSES``) added, brighter, to
-    a background, then exposure (gain, gamma) and noise. Returns float32 [S, S] in [0, 1].
-
-    The patterns are the kinds of structure the chest phantoms' lesions are made of, at their scales (a dense
-    patch, diffuse bilateral haze, reticular texture, lower peripheral patches, small nodules up or down,
-    rings, bands, large shapes), placed anywhere in the image whatever the anatomy. The background is, with
-    probability ``SOURCE_CHEST_BACKGROUND``, a lesion-free phantom chest (``render_phantom("normal")``: the
-    backbone learns to find patterns against ribs, heart and lung fields, but no target label or lesion is
-    used), else a varied smooth background with distractors (undulation, gradient, ellipses, a band, the
-    same for every class). Measured with ``test_resnet`` at 96 px, 600 source images, 15 stage-0 epochs:
-    stage-1 test accuracy 0.46 and stage 2 0.64 on 500 phantoms, against 0.30 and 0.55 with the shapes and
-    stripes of source version 1."""
-    if label not in SOURCE_CLASSES:
-        raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
-    if size < 32:
-        raise ValueError(f"source image size must be >= 32 pixels, got {size}")
-    if rng.random() < SOURCE_CHEST_BACKGROUND:
-        background = render_phantom("normal", rng, size)[0]
-    else:
-        background = _source_background(rng, size)
-    pattern = _source_pattern(label, rng, size)
-    amplitude = rng.uniform(0.15, 0.5)
-    image = np.clip(background + amplitude * pattern, 1e-3, 1.0) ** rng.uniform(0.85, 1.15)
-    image = image * rng.uniform(0.9, 1.1) + rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(
-        0.008, 0.03
-    )
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
-
-
 # --- writing sets -------------------------------------------------------------------------------------------
 def to_png_bytes(image: np.ndarray) -> bytes:
     """float [H, W] in [0, 1] → 8-bit gray PNG bytes; bool [H, W] → 1-bit PNG (fixed settings)."""
@@ -605,15 +360,7 @@ def _phantom_job(job: tuple[int, str, np.random.SeedSequence, int, bool, str]) -
     }
 
 
-def _source_job(job: tuple[int, str, np.random.SeedSequence, int, bool, str]) -> dict[str, object]:
-    index, label, seed, size, _, root = job
-    image = render_source(label, np.random.default_rng(seed), size)
-    rel = f"images/{label}/{label}_{index:05d}.png"
-    Path(root, rel).write_bytes(to_png_bytes(image))
-    return {"path": rel, "label": label}
-
-
-def _default_workers(n: int) -> int:
+def default_workers(n: int) -> int:
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -621,7 +368,7 @@ def _default_workers(n: int) -> int:
     return max(1, min(cores, 8, n // 64))
 
 
-def _run_jobs(
+def run_image_jobs(
     function: Callable[[tuple[int, str, np.random.SeedSequence, int, bool, str]], dict[str, object]],
     jobs: Sequence[tuple[int, str, np.random.SeedSequence, int, bool, str]],
     workers: int,
@@ -651,7 +398,7 @@ def _run_jobs(
         bar.close()
 
 
-def _prepare_folders(root: Path, labels: Sequence[str], subfolders: Sequence[str]) -> None:
+def prepare_class_folders(root: Path, labels: Sequence[str], subfolders: Sequence[str]) -> None:
     for sub in subfolders:
         for label in labels:
             (root / sub / label).mkdir(parents=True, exist_ok=True)
@@ -680,12 +427,12 @@ def generate_phantom_set(
     if not 0.0 <= shortcut_marker <= 1.0:
         raise ValueError(f"shortcut_marker is a probability in [0, 1], got {shortcut_marker}")
     root = Path(out_dir)
-    _prepare_folders(root, CLASSES, ("images", "masks"))
+    prepare_class_folders(root, CLASSES, ("images", "masks"))
     seeds = np.random.SeedSequence(seed).spawn(n)
     markers = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).random(n) < shortcut_marker
     jobs = [(i, CLASSES[i % len(CLASSES)], seeds[i], size, bool(markers[i]), str(root)) for i in range(n)]
-    workers = _default_workers(n) if workers is None else max(1, workers)
-    rows = _run_jobs(_phantom_job, jobs, workers, progress, "phantoms")
+    workers = default_workers(n) if workers is None else max(1, workers)
+    rows = run_image_jobs(_phantom_job, jobs, workers, progress, "phantoms")
     import pandas as pd
 
     frame = pd.DataFrame(rows)
@@ -699,15 +446,23 @@ def generate_phantom_set(
     return manifest
 
 
-def phantom_params(n: int, size: int, seed: int, shortcut_marker: float = 0.0, kind: str = "phantom") -> dict:
-    """The parameters that fully determine a generated set (compared before reusing one)."""
+def phantom_params(
+    n: int,
+    size: int,
+    seed: int,
+    shortcut_marker: float = 0.0,
+    kind: str = "phantom",
+    version: int = PHANTOM_VERSION,
+) -> dict:
+    """The parameters that fully determine a generated set (compared before reusing one); ``kind`` and
+    ``version`` name the generator (``source_task.source_params`` for the stage-0 set)."""
     return {
         "kind": kind,
         "n": int(n),
         "size": int(size),
         "seed": int(seed),
         "shortcut_marker": float(shortcut_marker),
-        "version": SOURCE_VERSION if kind == "source" else PHANTOM_VERSION,
+        "version": int(version),
     }
 
 
@@ -721,34 +476,6 @@ def generated_set_matches(out_dir: str | os.PathLike[str], params: dict) -> bool
         return json.loads(params_file.read_text(encoding="utf-8")) == params
     except json.JSONDecodeError:
         return False
-
-
-def generate_source_set(
-    out_dir: str | os.PathLike[str],
-    n: int,
-    size: int,
-    seed: int,
-    progress: bool = True,
-    workers: int | None = None,
-) -> Path:
-    """Write the stage-0 source set: ``n`` images balanced over ``SOURCE_CLASSES`` as
-    ``images/{label}/{label}_{i:05d}.png`` plus ``manifest.csv`` (path, label) and ``params.json``.
-    Deterministic by seed like ``generate_phantom_set``. Returns the manifest path."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    root = Path(out_dir)
-    _prepare_folders(root, SOURCE_CLASSES, ("images",))
-    seeds = np.random.SeedSequence([seed, 0x50C]).spawn(n)
-    jobs = [(i, SOURCE_CLASSES[i % len(SOURCE_CLASSES)], seeds[i], size, False, str(root)) for i in range(n)]
-    workers = _default_workers(n) if workers is None else max(1, workers)
-    rows = _run_jobs(_source_job, jobs, workers, progress, "source set")
-    import pandas as pd
-
-    from evidrift.artifacts import write_json_atomic
-
-    manifest = write_csv_atomic(root / "manifest.csv", pd.DataFrame(rows))
-    write_json_atomic(root / "params.json", phantom_params(n, size, seed, kind="source"))
-    return manifest
 
 
 def write_preview(

@@ -42,14 +42,9 @@ from evidrift.artifacts import RunPaths, write_json_atomic, write_parquet_atomic
 from evidrift.data.phantom import (
     CLASSES as PHANTOM_CLASSES,
 )
-from evidrift.data.phantom import (
-    SOURCE_CLASSES,
-    generate_phantom_set,
-    generate_source_set,
-    generated_set_matches,
-    phantom_params,
-)
+from evidrift.data.phantom import generate_phantom_set, generated_set_matches, phantom_params
 from evidrift.data.readers import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask
+from evidrift.data.source_task import SOURCE_CLASSES, generate_source_set, source_params
 
 if TYPE_CHECKING:
     from evidrift.config import StudyConfig
@@ -136,7 +131,7 @@ def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
             f"{len(SOURCE_CLASSES)} (one image per source class), e.g. 800"
         )
     out = paths.data_dir / "source"
-    params = phantom_params(phantom.n_source, phantom.size, phantom.seed, kind="source")
+    params = source_params(phantom.n_source, phantom.size, phantom.seed)
     if generated_set_matches(out, params):
         logger.info("reusing the source set in %s", out)
     else:
