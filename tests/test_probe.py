@@ -21,21 +21,15 @@ from evidrift.probe import (
     CachedSplit,
     HeadOnFeatures,
     ProbeVariant,
-    best_variants,
     cam_layer_is_backbone_output,
-    cell_edges,
-    cell_masks,
     confident_correct,
-    metric_order,
-    paired_variant_tests,
     probe_variants,
     probing_config,
     run_probe,
-    sample_grids,
-    smooth_maps,
-    tile_grid,
     train_probe_head,
 )
+from evidrift.probe_grids import cell_edges, cell_masks, sample_grids, smooth_maps, tile_grid
+from evidrift.probe_stats import best_variants, metric_order, paired_variant_tests
 
 
 # --- variants -----------------------------------------------------------------------------------------------

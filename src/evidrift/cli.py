@@ -496,7 +496,8 @@ def probe(
 
     from evidrift.artifacts import RunPaths
     from evidrift.config import ConfigError
-    from evidrift.probe import best_variants, probing_config, run_probe
+    from evidrift.probe import probing_config, run_probe
+    from evidrift.probe_stats import best_variants
     from evidrift.report.probe_section import write_probe_figures
 
     _training_logs()

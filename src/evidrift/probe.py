@@ -28,24 +28,21 @@ Outputs (run directory): ``probe.parquet`` (one row per arch, variant, method, u
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from evidrift import models, stats
+from evidrift import models
 from evidrift.artifacts import (
     RunPaths,
     config_hash,
@@ -67,6 +64,8 @@ from evidrift.config import (
 from evidrift.distributed import Context
 from evidrift.evaluate import TensorFeed, probabilities
 from evidrift.metrics import complexity, localization
+from evidrift.probe_grids import GridSpec, sample_grids, smooth_maps, tile_grid
+from evidrift.probe_stats import summarize_probe
 from evidrift.train import StageFiles, determinism, fit, image_size_for, stage_hash, train_stage, uses_stage0
 
 logger = logging.getLogger("evidrift.probe")
@@ -122,106 +121,6 @@ def confident_correct(
     return keep
 
 
-# --- grids --------------------------------------------------------------------------------------------------
-def cell_edges(size: int, n: int) -> list[int]:
-    """Pixel boundaries of n cells along a side of ``size`` pixels: n + 1 ints from 0 to size, edge r =
-    ceil(r · size / n), so that pixel i lies in cell floor(i · n / size) — the cells of
-    ``metrics.localization.gridpg``."""
-    if n < 1 or size < n:
-        raise ValueError(f"cannot split {size} pixels into {n} cells")
-    return [-(-r * size // n) for r in range(n + 1)]
-
-
-def cell_masks(height: int, width: int, n: int) -> torch.Tensor:
-    """bool [n², H, W]: the cells of an n × n grid in row-major order (cell k = row k // n, column k % n)."""
-    rows, cols = cell_edges(height, n), cell_edges(width, n)
-    masks = torch.zeros(n * n, height, width, dtype=torch.bool)
-    for k in range(n * n):
-        r, c = divmod(k, n)
-        masks[k, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = True
-    return masks
-
-
-def tile_grid(images: torch.Tensor, cells: Sequence[int], n: int, fill: float = 0.0) -> torch.Tensor:
-    """One n × n grid input: image i [3, S, S] downscaled (bilinear, antialiased) into cell ``cells[i]``.
-
-    images [m, 3, H, W] float32 (m ≤ n², already normalized) → [3, H, W]; cells without an image hold
-    ``fill``. Cells are row-major (``cell_masks``); ``cells`` must be distinct.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be [m, 3, H, W], got shape {tuple(images.shape)}")
-    if (
-        len(set(cells)) != len(cells)
-        or len(cells) != images.shape[0]
-        or not all(0 <= c < n * n for c in cells)
-    ):
-        raise ValueError(f"cells {list(cells)} must be {images.shape[0]} distinct indices in [0, {n * n})")
-    _, channels, height, width = images.shape
-    rows, cols = cell_edges(height, n), cell_edges(width, n)
-    grid = torch.full((channels, height, width), float(fill), dtype=images.dtype)
-    for image, cell in zip(images, cells, strict=True):
-        r, c = divmod(cell, n)
-        h, w = rows[r + 1] - rows[r], cols[c + 1] - cols[c]
-        small = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[
-            0
-        ]
-        grid[:, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = small
-    return grid
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    """One grid: ``n`` × ``n`` cells; ``images[i]`` (an index into the pool) sits in cell ``cells[i]`` and is
-    of class ``classes[i]``."""
-
-    grid_id: str
-    n: int
-    images: tuple[int, ...]
-    cells: tuple[int, ...]
-    classes: tuple[int, ...]
-
-
-def sample_grids(
-    labels: torch.Tensor, eligible: torch.Tensor, n: int, n_grids: int, seed: int
-) -> list[GridSpec]:
-    """Seeded GridPG grids of n × n cells from the eligible images, one image per class per grid.
-
-    labels int64 [N], eligible bool [N]. Each grid draws min(n², #classes with an eligible image) distinct
-    classes, one eligible image of each, in random distinct cells. Returns [] when fewer than two classes
-    have an eligible image (a grid needs a competitor).
-    """
-    rng = np.random.default_rng([seed, n])
-    pools: dict[int, np.ndarray] = {}
-    for cls in sorted(set(labels[eligible].tolist())):
-        pools[cls] = np.flatnonzero((labels == cls).numpy() & eligible.numpy())
-    classes = np.array(sorted(pools))
-    if len(classes) < 2:
-        return []
-    per_grid = min(n * n, len(classes))
-    grids = []
-    for g in range(n_grids):
-        chosen = rng.choice(classes, size=per_grid, replace=False)
-        picks = tuple(int(rng.choice(pools[int(c)])) for c in chosen)
-        cells = tuple(int(c) for c in rng.choice(n * n, size=per_grid, replace=False))
-        grids.append(GridSpec(f"grid{n}-{g:04d}", n, picks, cells, tuple(int(c) for c in chosen)))
-    return grids
-
-
-def smooth_maps(maps: torch.Tensor, kernel: int) -> torch.Tensor:
-    """k × k average pooling with stride 1 (edges averaged over the valid pixels): [N, H, W] → [N, H, W].
-
-    ``kernel`` odd; 1 returns the maps unchanged (as in the "How to Probe" GridPG code, k = 5).
-    """
-    if kernel == 1:
-        return maps
-    if kernel % 2 == 0:
-        raise ValueError(f"smoothing kernel must be odd, got {kernel}")
-    pooled = F.avg_pool2d(
-        maps[:, None].float(), kernel, stride=1, padding=kernel // 2, count_include_pad=False
-    )
-    return pooled[:, 0]
-
-
 # --- explaining a head on cached activations ----------------------------------------------------------------
 class HeadOnFeatures(nn.Module):
     """The model's head applied to cached CAM-layer activations: A [B, K, h, w] → logits [B, C].
@@ -247,27 +146,6 @@ PROBE_FILES: dict[str, str] = {
     "pairs": "probe_pairs.csv",
     "work": "probe",
 }
-#: Metric families in report order (``gridpg`` comes as ``gridpg@n`` per grid size).
-PROBE_METRICS: tuple[str, ...] = (
-    "correct",
-    "gridpg",
-    "energy_pointing_game",
-    "pointing_game",
-    "entropy",
-    "gini",
-)
-#: Localization metrics (higher is better) used to name the best variant.
-LOCALIZATION_METRICS: tuple[str, ...] = ("gridpg", "energy_pointing_game", "pointing_game")
-
-
-def metric_order(names: Sequence[str]) -> list[str]:
-    """Distinct metric names sorted by family (``PROBE_METRICS``) then name (``gridpg@2`` before ``@3``)."""
-
-    def key(name: str) -> tuple[int, str]:
-        family = name.split("@")[0]
-        return (PROBE_METRICS.index(family) if family in PROBE_METRICS else len(PROBE_METRICS), name)
-
-    return sorted(dict.fromkeys(names), key=key)
 
 
 @dataclass
@@ -741,118 +619,6 @@ def run_probe(
     write_csv_atomic(paths.root / PROBE_FILES["summary"], summary)
     write_csv_atomic(paths.root / PROBE_FILES["pairs"], pairs)
     return summary, pairs
-
-
-def summarize_values(
-    table: pd.DataFrame, keys: Sequence[str], n_boot: int = 2000, ci: float = 0.95, seed: int = 0
-) -> pd.DataFrame:
-    """Per group of ``keys`` over a long table with a ``value`` column: n (finite values), n_nan, mean,
-    median, std (ddof 1) and the seeded percentile-bootstrap CI of the mean (``stats.bootstrap_ci``)."""
-    rows = []
-    for group, part in table.groupby(list(keys), sort=False):
-        values = part["value"].to_numpy(dtype=np.float64)
-        rows.append(
-            {
-                **dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True)),
-                **stats.describe(values, n_boot, ci, seed),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def paired_variant_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Wilcoxon signed-rank tests between every two variants on the units both scored (finite values), per
-    (arch, method, metric); Holm-corrected within each (arch, method, metric) family (``stats.wilcoxon_p``,
-    ``stats.holm``). Columns: arch, method, metric, variant_a, variant_b, n, mean_diff (a − b), p, p_holm,
-    significant."""
-    rows: list[dict[str, object]] = []
-    for (arch, method, metric), part in table.groupby(["arch", "method", "metric"], sort=False):
-        variants = list(dict.fromkeys(part["variant"]))
-        # all-NaN variants (every map degenerate) are kept as columns: their tests have n = 0
-        wide = part.pivot_table(
-            index="unit_id", columns="variant", values="value", aggfunc="first", dropna=False
-        )
-        wide = wide.reindex(columns=variants)
-        family = []
-        for a, b in itertools.combinations(variants, 2):
-            pair = wide[[a, b]].dropna()
-            family.append(
-                {
-                    "arch": arch,
-                    "method": method,
-                    "metric": metric,
-                    "variant_a": a,
-                    "variant_b": b,
-                    "n": len(pair),
-                    "mean_diff": float((pair[a] - pair[b]).mean()) if len(pair) else np.nan,
-                    "p": stats.wilcoxon_p(pair[a].to_numpy(), pair[b].to_numpy()),
-                }
-            )
-        for row, p_holm in zip(family, stats.holm([r["p"] for r in family]), strict=True):
-            row["p_holm"] = float(p_holm)
-            row["significant"] = bool(p_holm < alpha)
-        rows += family
-    columns = [
-        "arch",
-        "method",
-        "metric",
-        "variant_a",
-        "variant_b",
-        "n",
-        "mean_diff",
-        "p",
-        "p_holm",
-        "significant",
-    ]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def summarize_probe(table: pd.DataFrame, config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(summary per arch × variant × method × metric, paired tests between variants) of ``probe.parquet``."""
-    summary = summarize_values(
-        table,
-        ["arch", "variant", "loss", "head", "method", "metric"],
-        config.stats.n_boot,
-        config.stats.ci,
-        config.stats.seed,
-    )
-    order = {
-        "metric": {m: i for i, m in enumerate(metric_order(summary["metric"].tolist()))},
-        "variant": {v: i for i, v in enumerate(dict.fromkeys(table["variant"]))},  # the config's order
-    }
-    summary = summary.sort_values(
-        ["arch", "method", "metric", "variant"],
-        key=lambda s: s.map(order[str(s.name)]) if s.name in order else s,
-        kind="stable",
-    ).reset_index(drop=True)
-    return summary, paired_variant_tests(table, config.stats.alpha)
-
-
-def best_variants(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per (arch, method, localization metric) the variant with the highest mean, with its CI and the
-    runner-up's mean: arch, method, metric, variant, mean, ci_low, ci_high, runner_up, runner_up_mean."""
-    rows = []
-    local = summary[summary["metric"].str.split("@").str[0].isin(LOCALIZATION_METRICS)]
-    for (arch, method, metric), part in local.groupby(["arch", "method", "metric"], sort=False):
-        ranked = part.dropna(subset=["mean"]).sort_values("mean", ascending=False)
-        if ranked.empty:
-            continue
-        top = ranked.iloc[0]
-        second = ranked.iloc[1] if len(ranked) > 1 else None
-        rows.append(
-            {
-                "arch": arch,
-                "method": method,
-                "metric": metric,
-                "variant": top["variant"],
-                "mean": top["mean"],
-                "ci_low": top["ci_low"],
-                "ci_high": top["ci_high"],
-                "runner_up": None if second is None else second["variant"],
-                "runner_up_mean": np.nan if second is None else second["mean"],
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def quick_config(out: str | os.PathLike[str]) -> StudyConfig:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from evidrift import models
+from evidrift import models, stats
 from evidrift.artifacts import RunPaths, write_csv_atomic, write_json_atomic, write_parquet_atomic
 from evidrift.config import ModelConfig, StudyConfig
 
@@ -441,11 +441,10 @@ def summarize_curves(
     curves: pd.DataFrame, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
 ) -> pd.DataFrame:
     """Mean similarity and its percentile-bootstrap CI per (arch, mode, step, block, method, metric)."""
-    from evidrift.probe import summarize_values
 
     keys = ["arch", "mode", "step", "block", "method"]
     long = curves.melt(id_vars=[*keys, "image"], value_vars=list(SIMILARITY_METRICS), var_name="metric")
-    return summarize_values(long, [*keys, "metric"], n_boot=n_boot, ci=ci, seed=seed)
+    return stats.summarize_values(long, [*keys, "metric"], n_boot=n_boot, ci=ci, seed=seed)
 
 
 def run_sanity(

@@ -387,3 +387,20 @@ def classification_summary(
         result[f"{name}_ci_low"] = low
         result[f"{name}_ci_high"] = high
     return result
+
+
+def summarize_values(
+    table: pd.DataFrame, keys: Sequence[str], n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    """Per group of ``keys`` over a long table with a ``value`` column: n (finite values), n_nan, mean,
+    median, std (ddof 1) and the seeded percentile-bootstrap CI of the mean (``bootstrap_ci``)."""
+    rows = []
+    for group, part in table.groupby(list(keys), sort=False):
+        values = part["value"].to_numpy(dtype=np.float64)
+        rows.append(
+            {
+                **dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True)),
+                **describe(values, n_boot, ci, seed),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from evidrift.probe import PROBE_FILES, metric_order
+from evidrift.probe import PROBE_FILES
+from evidrift.probe_stats import metric_order
 from evidrift.report.figures import legend_above, render_png, style
 from evidrift.sanity import SANITY_FILES, SIMILARITY_METRICS
 
