@@ -28,7 +28,7 @@ from evidrift.artifacts import (
 from evidrift.config import StudyConfig, dump_yaml, parse_config
 from evidrift.data.phantom import CLASSES, render_phantom, to_png_bytes
 from evidrift.report import build_report
-from evidrift.report.html import pick_examples
+from evidrift.report.map_sections import pick_examples
 
 METRICS = (
     "topk_iou@0.2",

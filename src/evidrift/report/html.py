@@ -11,32 +11,36 @@ which ``evidrift.report.probe_section`` builds with every value escaped.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import json
-import math
 import os
 import platform
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
-from evidrift.artifacts import RunPaths, read_maps, safe_name, stored_methods, write_text_atomic
-from evidrift.cam.maps import upsample
+from evidrift.artifacts import RunPaths, read_maps, stored_methods, write_text_atomic
 from evidrift.config import StudyConfig, dump_yaml, parse_config, study_hash
-from evidrift.metrics.common import AnalysisMaps
 from evidrift.report import figures as F
+from evidrift.report.elements import (
+    Cell,
+    FigureWriter,
+    Section,
+    Table,
+    ci_columns,
+    fmt,
+    fmt_ci,
+    ordered,
+    read_csv_or_none,
+)
+from evidrift.report.map_sections import overlay_section, zone_section
 
 TEMPLATES = Path(__file__).parent / "templates"
-DISPLAY_SIZE = 160
 #: Headline drift metrics (shown in the summary table and the distributions), in this order when present.
 KEY_METRICS = (
     "topk_iou@0.2",
@@ -52,115 +56,7 @@ KEY_METRICS = (
 )
 #: The headline metrics split into the two drift tables: agreement (1 = identical) and change (0 = identical).
 AGREEMENT_METRICS = ("topk_iou@0.2", "dice@0.2", "zone_agreement", "pearson", "spearman", "cosine", "ssim")
-#: The metric that picks the overlay examples (typical = median, most drifted = lowest), first one present.
-SELECTION_METRICS = ("topk_iou@0.2", "topk_iou@0.1", "spearman", "pearson", "ssim")
 LOCALIZATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou@0.2", "pixel_auroc", "cnr")
-_LOW_NAMES = ("ci_low", "ci_lo", "lo", "low", "ci_lower")
-_HIGH_NAMES = ("ci_high", "ci_hi", "hi", "high", "ci_upper")
-
-
-# --- small value types for the template ---------------------------------------------------------------------
-@dataclass
-class Cell:
-    """One table cell: ``text`` (escaped by the template) and an optional CSS class."""
-
-    text: str
-    cls: str = ""
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[Cell]]
-    caption: str = ""
-    numeric_from: int = 1
-
-
-@dataclass
-class FigureRef:
-    """A figure written to ``figures/{name}.png`` and embedded as base64."""
-
-    name: str
-    title: str
-    b64: str
-    caption: str = ""
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    nav: str = ""
-    intro: str = ""
-    tables: list[Table] = field(default_factory=list)
-    figures: list[FigureRef] = field(default_factory=list)
-    groups: list[tuple[str, list[FigureRef]]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    bullets: list[str] = field(default_factory=list)
-    details: list[tuple[str, Table]] = field(default_factory=list)
-
-
-# --- helpers ------------------------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 3) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(number):
-        return "n/a"
-    text = f"{number:.{digits}f}"
-    return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.000"
-
-
-def _ci(mean: Any, low: Any, high: Any, digits: int = 3) -> str:
-    text = _fmt(mean, digits)
-    if text == "n/a":
-        return text
-    if _fmt(low) == "n/a" or _fmt(high) == "n/a":
-        return text
-    return f"{text} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
-
-
-def ci_columns(frame: pd.DataFrame) -> tuple[str, str]:
-    """Names of the lower/upper CI columns of a summary table (the stats module's spelling)."""
-    low = next((c for c in _LOW_NAMES if c in frame.columns), None)
-    high = next((c for c in _HIGH_NAMES if c in frame.columns), None)
-    if low is None or high is None:
-        raise ValueError(
-            f"summary table has no CI columns (looked for {_LOW_NAMES} / {_HIGH_NAMES}): "
-            f"{list(frame.columns)}"
-        )
-    return low, high
-
-
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
-
-
-def _ordered(values: Sequence[Any], preferred: Sequence[str] | None = None) -> list[str]:
-    """Unique strings of ``values``, ``preferred``'s order first, then first-seen order."""
-    seen = list(dict.fromkeys(str(v) for v in values))
-    if not preferred:
-        return seen
-    first = [p for p in preferred if p in seen]
-    return first + [v for v in seen if v not in first]
-
-
-class _FigureWriter:
-    """Draws figures to ``figures/{name}.png`` and keeps the base64 for embedding."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def __call__(self, fig: Any, name: str, title: str, caption: str = "") -> FigureRef:
-        file_name = safe_name(name).replace("+", "p").replace("@", "at").replace("=", "-")
-        data = F.render_png(fig, self.folder / f"{file_name}.png")
-        return FigureRef(file_name, title, base64.b64encode(data).decode("ascii"), caption)
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -231,7 +127,7 @@ def dataset_section(paths: RunPaths) -> Section:
     manifest = pd.read_parquet(paths.manifest)
     classes_file = paths.data_dir / "classes.json"
     classes = json.loads(classes_file.read_text(encoding="utf-8")) if classes_file.is_file() else None
-    labels = _ordered(manifest["label"], classes)
+    labels = ordered(manifest["label"], classes)
     ok = manifest[manifest["status"] == "ok"]
     splits = [s for s in ("train", "val", "test") if s in set(ok["split"])] or sorted(set(ok["split"]))
     rows = []
@@ -263,10 +159,10 @@ def dataset_section(paths: RunPaths) -> Section:
     return section
 
 
-def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], draw: _FigureWriter) -> Section:
+def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], draw: FigureWriter) -> Section:
     """Accuracy, macro-F1 and macro AUROC per arch × stage with bootstrap CIs (eval/classification.csv)."""
     section = Section("classification", "Classification", "Accuracy")
-    table = _read_csv(paths.root / "eval" / "classification.csv")
+    table = read_csv_or_none(paths.root / "eval" / "classification.csv")
     if table is None or table.empty:
         section.notes.append("No eval/classification.csv: the evaluate step has not run.")
         return section
@@ -278,9 +174,9 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
             [
                 Cell(str(r["arch"])),
                 Cell(stage_labels.get(int(r["stage"]), str(r["stage"])), "text"),
-                Cell(str(int(r["n"])) if "n" in r and _fmt(r["n"]) != "n/a" else ""),
+                Cell(str(int(r["n"])) if "n" in r and fmt(r["n"]) != "n/a" else ""),
                 *[
-                    Cell(_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]))
+                    Cell(fmt_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]))
                     for m in ("accuracy", "macro_f1", "macro_auroc")
                 ],
             ]
@@ -308,7 +204,7 @@ def drift_summary_section(
         section.notes.append("No summary.csv: the drift step has not run.")
         return section
     low, high = ci_columns(summary)
-    metrics = _ordered(summary["metric"])
+    metrics = ordered(summary["metric"])
     key = [m for m in KEY_METRICS if m in metrics] or metrics[:8]
     n_images = (
         drift.groupby(["arch", "method"]).size().to_dict() if drift is not None and not drift.empty else {}
@@ -335,7 +231,7 @@ def drift_summary_section(
                     if (arch, method, metric) in indexed.index:
                         r = indexed.loc[(arch, method, metric)]
                         r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
-                        cells.append(Cell(_ci(r["mean"], r[low], r[high])))
+                        cells.append(Cell(fmt_ci(r["mean"], r[low], r[high])))
                     else:
                         cells.append(Cell("—"))
                 rows.append(cells)
@@ -349,11 +245,11 @@ def drift_summary_section(
                 Cell(str(r["arch"])),
                 Cell(str(r["method"]), "text"),
                 Cell(str(r["metric"]), "text"),
-                Cell(str(int(r["n"])) if "n" in r and _fmt(r["n"]) != "n/a" else ""),
-                Cell(_fmt(r["mean"])),
-                Cell(f"[{_fmt(r[low])}, {_fmt(r[high])}]"),
-                Cell(_fmt(r["median"]) if "median" in r else ""),
-                Cell(_fmt(r["std"]) if "std" in r else ""),
+                Cell(str(int(r["n"])) if "n" in r and fmt(r["n"]) != "n/a" else ""),
+                Cell(fmt(r["mean"])),
+                Cell(f"[{fmt(r[low])}, {fmt(r[high])}]"),
+                Cell(fmt(r["median"]) if "median" in r else ""),
+                Cell(fmt(r["std"]) if "std" in r else ""),
             ]
         )
     section.details.append(
@@ -374,7 +270,7 @@ def ranking_section(
     reversals: pd.DataFrame | None,
     archs: list[str],
     methods: list[str],
-    draw: _FigureWriter,
+    draw: FigureWriter,
 ) -> Section:
     """How the architectures order by stability under each method, per metric; rank reversals listed."""
     section = Section("rankings", "Rankings and rank reversals", "Rankings")
@@ -385,7 +281,7 @@ def ranking_section(
         section.notes.append("One architecture only: there is nothing to rank.")
         return section
     reversals = reversals if reversals is not None else pd.DataFrame()
-    metrics = _ordered(rankings["metric"], KEY_METRICS)
+    metrics = ordered(rankings["metric"], KEY_METRICS)
     n_rev = len(reversals)
     section.intro = (
         "Rank 1 = the architecture whose explanations drift least under that method and metric "
@@ -404,14 +300,14 @@ def ranking_section(
         cols = list(reversals.columns)
         sig = [c for c in cols if c.startswith("significant")]
         rows = []
-        ordered = (
+        listed = (
             reversals.sort_values([c for c in ("metric",) if c in cols]) if "metric" in cols else reversals
         )
-        for _, r in ordered.head(200).iterrows():
+        for _, r in listed.head(200).iterrows():
             flagged = any(bool(r[c]) for c in sig)
             rows.append(
                 [
-                    Cell(_fmt(r[c]) if isinstance(r[c], float) else str(r[c]), "sig" if flagged else "")
+                    Cell(fmt(r[c]) if isinstance(r[c], float) else str(r[c]), "sig" if flagged else "")
                     for c in cols
                 ]
             )
@@ -425,7 +321,7 @@ def ranking_section(
 
 
 def distribution_section(
-    drift: pd.DataFrame | None, archs: list[str], methods: list[str], draw: _FigureWriter
+    drift: pd.DataFrame | None, archs: list[str], methods: list[str], draw: FigureWriter
 ) -> Section:
     section = Section("distributions", "Metric distributions", "Distributions")
     if drift is None or drift.empty:
@@ -444,168 +340,22 @@ def distribution_section(
     return section
 
 
-def _display_image(path: str, mask_path: Any, resize: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image as the model saw it (same pad/crop geometry) at ``DISPLAY_SIZE``, and its mask (or None)."""
-    from evidrift.data.readers import read_image, read_mask
-    from evidrift.data.transforms import resize_image
-
-    image = torch.as_tensor(read_image(path))[None, None]
-    shown = resize_image(image, DISPLAY_SIZE, resize)[0, 0].numpy()
-    mask = None
-    if isinstance(mask_path, str) and mask_path and Path(mask_path).is_file():
-        raw = torch.as_tensor(np.asarray(read_mask(mask_path), dtype=np.float32))[None, None]
-        mask = resize_image(raw, DISPLAY_SIZE, resize, is_mask=True)[0, 0].numpy() > 0.5
-    return shown, mask
-
-
-def pick_examples(values: pd.Series, k: int, lowest_is_drift: bool = True) -> tuple[list[Any], list[Any]]:
-    """(typical, most drifted) index labels of ``values`` (NaN ignored): the ``k`` closest to the median and
-    the
-    ``k`` most drifted (lowest when ``lowest_is_drift``), the two lists disjoint when possible."""
-    finite = values[np.isfinite(values.to_numpy(dtype=float))]
-    if finite.empty or k <= 0:
-        return [], []
-    drifted = list((finite.sort_values(ascending=lowest_is_drift, kind="stable")).index[:k])
-    rest = finite.drop(index=drifted) if len(finite) > k else finite
-    median = float(finite.median())
-    typical = list((rest - median).abs().sort_values(kind="stable").index[:k])
-    return typical, drifted
-
-
-def overlay_section(
-    paths: RunPaths,
-    drift: pd.DataFrame | None,
-    archs: list[str],
-    methods: list[str],
-    k: int,
-    resize: str,
-    stage_labels: tuple[str, str],
-    draw: _FigureWriter,
-) -> Section:
-    """Overlays of typical and most-drifted images per arch × method (image, stage A, stage B, difference)."""
-    section = Section("overlays", "Examples: typical and most-drifted images", "Examples")
-    if drift is None or drift.empty or k == 0:
-        section.notes.append("No drift.parquet (or report.examples is 0): no examples to show.")
-        return section
-    metric = next((m for m in SELECTION_METRICS if m in drift.columns), None)
-    if metric is None:
-        section.notes.append(f"None of {SELECTION_METRICS} in drift.parquet: cannot pick examples.")
-        return section
-    manifest = pd.read_parquet(paths.manifest).set_index("id") if paths.manifest.is_file() else None
-    if manifest is None:
-        section.notes.append("No manifest: cannot show the images.")
-        return section
-    section.intro = (
-        f"Per architecture and method: the {k} images closest to the median {metric} (typical) and the {k} "
-        "with "
-        f"the lowest {metric} (most drifted). Rows: the image (lesion mask outlined when known), the map of "
-        f"{stage_labels[0]} and of {stage_labels[1]}, and the difference of the min-max normalized maps "
-        "(red: "
-        "more weight in the second, blue: less)."
-    )
-    cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for arch in archs:
-        refs = []
-        for method in methods:
-            part = drift[(drift["arch"] == arch) & (drift["method"] == method)].set_index("id")
-            typical, drifted = pick_examples(part[metric], k)
-            chosen = typical + drifted
-            if not chosen:
-                continue
-            try:
-                maps_a, ids_a, _ = read_maps(paths, arch, 1, method)
-                maps_b, ids_b, _ = read_maps(paths, arch, 2, method)
-            except FileNotFoundError as exc:
-                section.notes.append(str(exc))
-                continue
-            pos_a = {i: n for n, i in enumerate(ids_a)}
-            pos_b = {i: n for n, i in enumerate(ids_b)}
-            images, masks, ma, mb, titles = [], [], [], [], []
-            for n, image_id in enumerate(chosen):
-                if image_id not in pos_a or image_id not in pos_b or image_id not in manifest.index:
-                    continue
-                row = manifest.loc[image_id]
-                if image_id not in cache:
-                    cache[image_id] = _display_image(str(row["path"]), row.get("mask_path"), resize)
-                image, mask = cache[image_id]
-                images.append(image)
-                masks.append(mask)
-                ma.append(upsample(maps_a[pos_a[image_id]].float(), DISPLAY_SIZE).numpy())
-                mb.append(upsample(maps_b[pos_b[image_id]].float(), DISPLAY_SIZE).numpy())
-                kind = "typical" if n < len(typical) else "most drifted"
-                titles.append(
-                    f"{kind}\n{F.shorten(str(row['label']), 22)}\n"
-                    f"{metric} {_fmt(part.loc[image_id, metric], 2)}"
-                )
-            if images:
-                fig = F.overlay_figure(images, masks, ma, mb, titles, stage_labels, f"{arch} · {method}")
-                refs.append(draw(fig, f"overlay_{arch}_{method}", f"{arch} · {method}"))
-        if refs:
-            section.groups.append((arch, refs))
-    return section
-
-
-def zone_section(
-    paths: RunPaths,
-    drift: pd.DataFrame | None,
-    archs: list[str],
-    methods: list[str],
-    grid: tuple[int, int],
-    stage_labels: tuple[str, str],
-    draw: _FigureWriter,
-) -> Section:
-    """Mean zone masses before vs after, per arch (a panel per method), on the images of drift.parquet."""
-    section = Section("zones", "Where the evidence sits: zone masses", "Zones")
-    if drift is None or drift.empty:
-        section.notes.append("No drift.parquet: the drift step has not run.")
-        return section
-    labels = F.zone_labels(*grid)
-    section.intro = (
-        f"Mean share of each map's mass in a {grid[0]} × {grid[1]} grid over the image"
-        + (" (upper/middle/lower × patient's right (image left) / left)" if tuple(grid) == (3, 2) else "")
-        + f", {stage_labels[0]} vs {stage_labels[1]}, on the images of the drift table."
-    )
-    for arch in archs:
-        rows = []
-        for method in methods:
-            ids = set(drift.loc[(drift["arch"] == arch) & (drift["method"] == method), "id"].astype(str))
-            for side, stage in (("a", 1), ("b", 2)):
-                try:
-                    maps, map_ids, _ = read_maps(paths, arch, stage, method)
-                except FileNotFoundError:
-                    continue
-                keep = torch.tensor([i in ids for i in map_ids], dtype=torch.bool)
-                if not keep.any():
-                    continue
-                masses = AnalysisMaps(maps[keep], 64).zones(grid).mean(dim=0)
-                rows += [
-                    {"method": method, "side": side, "zone": z, "mass": float(v)}
-                    for z, v in enumerate(masses)
-                ]
-        if rows:
-            frame = pd.DataFrame(rows)
-            shown = [m for m in methods if m in set(frame["method"])]
-            fig = F.zone_figure(frame, shown, labels, stage_labels, arch)
-            section.figures.append(draw(fig, f"zones_{arch}", f"Zone masses, {arch}"))
-    return section
-
-
 def localization_section(
     paths: RunPaths,
     archs: list[str],
     methods: list[str],
     stage_labels: Mapping[int, str],
-    draw: _FigureWriter,
+    draw: FigureWriter,
 ) -> Section:
     """Localization against the ground-truth masks (``localization_summary.csv``), when the data has masks."""
     section = Section("localization", "Localization against the lesion masks", "Localization")
-    summary = _read_csv(paths.root / "localization_summary.csv")
+    summary = read_csv_or_none(paths.root / "localization_summary.csv")
     if summary is None or summary.empty:
         section.notes.append("The data has no lesion masks (or the localization step has not run).")
         return section
     low, high = ci_columns(summary)
     summary = summary.rename(columns={low: "ci_low", high: "ci_high"})
-    metrics = _ordered(summary["metric"], LOCALIZATION_METRICS)
+    metrics = ordered(summary["metric"], LOCALIZATION_METRICS)
     section.intro = (
         "Maps of the explained test images with a non-empty lesion mask, at each stage: pointing game (the "
         "peak "
@@ -626,7 +376,7 @@ def localization_section(
                 for metric in metrics:
                     if metric in by_metric.index:
                         r = by_metric.loc[metric]
-                        cells.append(Cell(_ci(r["mean"], r["ci_low"], r["ci_high"])))
+                        cells.append(Cell(fmt_ci(r["mean"], r["ci_low"], r["ci_high"])))
                     else:
                         cells.append(Cell("—"))
                 rows.append(cells)
@@ -711,7 +461,7 @@ def overview_section(
     """The findings in a few sentences: accuracy per stage, the headline drift per architecture (range over
     methods), the rank reversals and the degenerate maps."""
     section = Section("overview", "At a glance", "Overview")
-    table = _read_csv(paths.root / "eval" / "classification.csv")
+    table = read_csv_or_none(paths.root / "eval" / "classification.csv")
     if summary is None or summary.empty:
         section.notes.append("The drift step has not run yet.")
         return section
@@ -725,18 +475,18 @@ def overview_section(
             acc = table[table["arch"].astype(str) == arch].set_index("stage")["accuracy"]
             if 1 in acc.index and 2 in acc.index:
                 first, second = (label.split(" (")[0] for label in stage_labels)
-                parts.append(f"accuracy {_fmt(acc[1], 2)} at {first} → {_fmt(acc[2], 2)} at {second};")
+                parts.append(f"accuracy {fmt(acc[1], 2)} at {first} → {fmt(acc[2], 2)} at {second};")
         for metric in [m for m in (headline, "centroid_shift") if m]:
             rows = summary[(summary["arch"] == arch) & (summary["metric"] == metric)].dropna(subset=["mean"])
             if rows.empty:
                 continue
             lo, hi = rows.loc[rows["mean"].idxmin()], rows.loc[rows["mean"].idxmax()]
             if len(rows) == 1:
-                parts.append(f"{metric} {_ci(lo['mean'], lo[low], lo[high], 2)} under {lo['method']};")
+                parts.append(f"{metric} {fmt_ci(lo['mean'], lo[low], lo[high], 2)} under {lo['method']};")
             else:
                 parts.append(
-                    f"{metric} from {_fmt(lo['mean'], 2)} ({lo['method']}) "
-                    f"to {_fmt(hi['mean'], 2)} ({hi['method']});"
+                    f"{metric} from {fmt(lo['mean'], 2)} ({lo['method']}) "
+                    f"to {fmt(hi['mean'], 2)} ({hi['method']});"
                 )
         section.bullets.append(" ".join(parts).rstrip(";") + ".")
     if len(archs) > 1 and reversals is not None:
@@ -761,9 +511,9 @@ def _archs_methods(
     archs = [m.key for m in config.models]
     methods = list(config.explain.methods)
     if drift is not None and not drift.empty:
-        archs = _ordered(drift["arch"], archs)
+        archs = ordered(drift["arch"], archs)
         archs = [a for a in archs if a in set(drift["arch"].astype(str))]
-        methods = _ordered(drift["method"], methods)
+        methods = ordered(drift["method"], methods)
         methods = [m for m in methods if m in set(drift["method"].astype(str))]
     else:
         present = [a for a in archs if stored_methods(paths, a, 1)]
@@ -785,22 +535,22 @@ def build_report(
     """
     paths = RunPaths.at(run_dir)
     config = config or load_run_config(paths)
-    draw = _FigureWriter(paths.figures_dir)
+    draw = FigureWriter(paths.figures_dir)
     drift = pd.read_parquet(paths.drift) if paths.drift.is_file() else None
     if drift is not None:
         drift = drift.assign(
             arch=drift["arch"].astype(str), method=drift["method"].astype(str), id=drift["id"].astype(str)
         )
-    summary = _read_csv(paths.summary)
+    summary = read_csv_or_none(paths.summary)
     archs, methods = _archs_methods(config, paths, drift)
     stage_map = {1: stage_labels[0], 2: stage_labels[1]}
-    reversals = _read_csv(paths.reversals)
+    reversals = read_csv_or_none(paths.reversals)
     sections = [
         overview_section(paths, summary, reversals, drift, archs, stage_labels),
         dataset_section(paths),
         classification_section(paths, stage_map, draw),
         drift_summary_section(summary, drift, archs, methods, stage_labels),
-        ranking_section(_read_csv(paths.rankings), reversals, archs, methods, draw),
+        ranking_section(read_csv_or_none(paths.rankings), reversals, archs, methods, draw),
         distribution_section(drift, archs, methods, draw),
         overlay_section(
             paths, drift, archs, methods, config.report.examples, config.data.resize, stage_labels, draw
