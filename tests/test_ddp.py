@@ -33,6 +33,37 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _random_backbone(tmp_path: Path) -> Path:
+    """A seeded test_resnet state dict in ``tmp_path/backbone.safetensors`` (the studies' local weights),
+    and the ``ddp`` and ``single`` run folders next to it."""
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in models.build_model("test_resnet", 2).state_dict().items()},
+        str(weights),
+    )
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    return weights
+
+
+def _run_to_end(command: list[str], timeout: float = 110) -> tuple[str, str]:
+    """Run ``command`` (one thread per process) and return (stdout, stderr); on timeout kill its whole
+    process group (torchrun and its workers: no orphan keeps running) and fail; fail on a non-zero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{command} did not finish in {timeout:g} s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, f"{command}:\n{stderr[-4000:]}"
+    return stdout, stderr
+
+
 def _study(folder: Path, weights: Path, batch_size: int) -> Path:
     study = {
         "data": {"phantom": {"n": 40, "size": 32}, "split": {"val": 0.2, "test": 0.2}},
@@ -51,37 +82,14 @@ def _study(folder: Path, weights: Path, batch_size: int) -> Path:
 
 @pytest.mark.timeout(120)
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    weights = tmp_path / "backbone.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in models.build_model("test_resnet", 2).state_dict().items()},
-        str(weights),
-    )
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "single").mkdir()
+    weights = _random_backbone(tmp_path)
     ddp_study = _study(tmp_path / "ddp", weights, batch_size=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-    ]
-    process = subprocess.Popen(
-        [*command, "-m", "evidrift", "train", str(ddp_study), "--no-progress"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    _run_to_end(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), "-m", "evidrift", "train", str(ddp_study), "--no-progress",
+        ]
     )  # fmt: skip
-    try:
-        _, stderr = process.communicate(timeout=110)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: no orphan keeps running
-        _, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish in 110 s:\n{stderr[-4000:]}")
-    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
-    assert result.returncode == 0, result.stderr[-4000:]
 
     single = load_config(_study(tmp_path / "single", weights, batch_size=8))
     threads = torch.get_num_threads()
@@ -127,15 +135,7 @@ def test_torchrun_whole_run_matches_single_process(tmp_path: Path) -> None:
     once, and the evaluation and drift table equal a single-process run's (to float rounding)."""
     import pandas as pd
 
-    torch.manual_seed(0)
-    weights = tmp_path / "backbone.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in models.build_model("test_resnet", 2).state_dict().items()},
-        str(weights),
-    )
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "single").mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    weights = _random_backbone(tmp_path)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     runs = {
         "ddp": [*launch, "--master-port", str(_free_port()), "-m", "evidrift", "run"],
@@ -143,17 +143,7 @@ def test_torchrun_whole_run_matches_single_process(tmp_path: Path) -> None:
     }
     for name, command in runs.items():
         study = _whole_study(tmp_path / name, weights, batch_size=4 if name == "ddp" else 8)
-        process = subprocess.Popen(
-            [*command, str(study)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            stdout, stderr = process.communicate(timeout=110)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"{name} run did not finish in 110 s:\n{stderr[-4000:]}")
-        assert process.returncode == 0, f"{name}:\n{stderr[-4000:]}"
+        stdout, _ = _run_to_end([*command, str(study)])
         assert "[report] done" in stdout
 
     ddp, single = RunPaths.at(tmp_path / "ddp" / "run"), RunPaths.at(tmp_path / "single" / "run")
