@@ -50,8 +50,23 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     localization = pd.read_csv(out / "localization_summary.csv")
     assert set(localization["stage"]) == {1, 2} and "pointing_game" in set(localization["metric"])
 
+    evaluation = pd.read_parquet(paths.eval_table("resnet18"))
+    change = (
+        pd.read_csv(paths.eval_table("accuracy_change").with_suffix(".csv")).set_index("arch").loc["resnet18"]
+    )
+    right1 = evaluation["pred_stage1"] == evaluation["label"]
+    right2 = evaluation["pred_stage2"] == evaluation["label"]
+    assert (change["only_stage1"], change["only_stage2"]) == (
+        (right1 & ~right2).sum(),
+        (~right1 & right2).sum(),
+    )
+    assert change["change"] == pytest.approx(right2.mean() - right1.mean())
+    assert 0.0 < change["p_mcnemar"] <= 1.0
+    assert "exact McNemar p =" in text
+
     html = paths.report.read_text(encoding="utf-8")
     assert "evidrift demo (quick)" in html
+    assert "exact McNemar p" in html and "paired McNemar p =" in html
     embedded = re.findall(r'src="data:image/png;base64,', html)
     assert len(embedded) == len(list(paths.figures_dir.glob("*.png"))) >= 8
 

@@ -146,3 +146,24 @@ def test_classification_summary_matches_sklearn(c: int) -> None:
         assert out[f"{name}_ci_low"] <= out[name] <= out[f"{name}_ci_high"]
     with pytest.raises(ValueError, match="y_true values must be in"):
         stats.classification_summary(np.array([0, 5]), np.ones((2, 2)) / 2)
+
+
+def test_mcnemar_exact_by_hand_and_against_scipy() -> None:
+    from scipy.stats import binomtest
+
+    from evidrift.stats import mcnemar_exact
+
+    a = np.array([True, True, True, False, False, False, False, False])
+    b = np.array([True, False, False, True, True, True, True, True])
+    result = mcnemar_exact(a, b)  # discordant: 2 right only under a, 5 only under b
+    assert (result["n"], result["only_a"], result["only_b"]) == (8, 2, 5)
+    assert result["accuracy_a"] == 3 / 8 and result["accuracy_b"] == 6 / 8
+    assert result["change"] == pytest.approx(3 / 8)
+    # two-sided exact binomial of 5 of 7 at 1/2: 2 * P(X <= 2) = 2 * (1 + 7 + 21) / 128
+    assert result["p"] == pytest.approx(58 / 128)
+    assert result["p"] == pytest.approx(binomtest(5, 7, 0.5).pvalue)
+    one_sided = mcnemar_exact(np.zeros(5, dtype=bool), np.ones(5, dtype=bool))
+    assert one_sided["p"] == pytest.approx(2 * 0.5**5)
+    assert mcnemar_exact(a, a)["p"] == 1.0  # no discordant image
+    with pytest.raises(ValueError, match=r"must both be \[N\]"):
+        mcnemar_exact(a, b[:3])

@@ -139,8 +139,9 @@ def evaluate(
     study: Annotated[Path, typer.Argument(help="study.yaml")],
     arch: Annotated[str | None, typer.Option("--arch", help="only this model (its name or arch key)")] = None,
 ) -> None:
-    """Classify the test split with the stage-1 and stage-2 checkpoints: eval/{arch}.parquet and
-    eval/classification.csv (accuracy, macro-F1, macro AUROC with 95% bootstrap CIs)."""
+    """Classify the test split with the stage-1 and stage-2 checkpoints: eval/{arch}.parquet,
+    eval/classification.csv (accuracy, macro-F1, macro AUROC with 95% bootstrap CIs) and
+    eval/accuracy_change.csv (the paired stage 1 → stage 2 change, exact McNemar test)."""
     from evidrift import distributed
     from evidrift.artifacts import RunPaths
     from evidrift.config import ConfigError, load_config

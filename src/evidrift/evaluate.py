@@ -7,7 +7,7 @@ macro-F1, macro AUROC with percentile-bootstrap 95% CIs).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -145,6 +145,25 @@ def summarize(y_true: np.ndarray, probs: np.ndarray, config: StudyConfig) -> dic
     return dict(classification_summary(y_true, probs, n_boot=stats.n_boot, ci=stats.ci, seed=stats.seed))
 
 
+def accuracy_change(table: Mapping[str, Any]) -> dict[str, float | int]:
+    """The paired stage 1 → stage 2 accuracy change on the same test images (``stats.mcnemar_exact``) from
+    an evaluation table with ``label``, ``pred_stage1`` and ``pred_stage2`` [N]: n, accuracy_stage1,
+    accuracy_stage2, change, only_stage1, only_stage2 (images right at that stage only), p_mcnemar."""
+    from evidrift.stats import mcnemar_exact
+
+    label = np.asarray(table["label"])
+    test = mcnemar_exact(np.asarray(table["pred_stage1"]) == label, np.asarray(table["pred_stage2"]) == label)
+    return {
+        "n": test["n"],
+        "accuracy_stage1": test["accuracy_a"],
+        "accuracy_stage2": test["accuracy_b"],
+        "change": test["change"],
+        "only_stage1": test["only_a"],
+        "only_stage2": test["only_b"],
+        "p_mcnemar": test["p"],
+    }
+
+
 def evaluate_model(
     model: nn.Module, feed: Feed, ctx: Context, batch_size: int, loss: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +178,9 @@ def evaluate_study(
     config: StudyConfig, paths: RunPaths, arch: str | None = None, ctx: Context | None = None
 ) -> pd.DataFrame:
     """Predict the test split with the stage-1 and stage-2 checkpoints of each model (or only ``arch``);
-    writes ``eval/{arch}.parquet`` and ``eval/classification.csv``, prints the table; returns the table."""
+    writes ``eval/{arch}.parquet``, ``eval/classification.csv`` and ``eval/accuracy_change.csv`` (the
+    paired stage 1 → stage 2 change per model, ``accuracy_change``), prints both; returns the classification
+    table."""
     from rich.console import Console
     from rich.table import Table
 
@@ -178,6 +199,7 @@ def evaluate_study(
     if not model_cfgs:
         raise ValueError(f"--arch {arch!r} is not in the study's models {[m.key for m in config.models]}")
     rows: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
     for model_cfg in model_cfgs:
         table: dict[str, Any] = {"id": test["id"].astype(str).tolist()}
         for stage in ("1", "2"):
@@ -197,6 +219,7 @@ def evaluate_study(
             table[f"pred_stage{stage}"] = probs.argmax(axis=1).astype(np.int64)
             table[f"prob_stage{stage}"] = [row.astype(np.float64).tolist() for row in probs]
             rows.append({"arch": model_cfg.key, "stage": int(stage), **summarize(labels, probs, config)})
+        changes.append({"arch": model_cfg.key, **accuracy_change(table)})
         if ctx.is_main:
             columns = ["id", "label", "pred_stage1", "pred_stage2", "prob_stage1", "prob_stage2"]
             write_parquet_atomic(paths.eval_table(model_cfg.key), pd.DataFrame(table)[columns])
@@ -207,6 +230,12 @@ def evaluate_study(
             previous = pd.read_csv(path)
             summary = pd.concat([previous[previous["arch"] != arch], summary], ignore_index=True)
         write_csv_atomic(path, summary)
+        change_path = paths.eval_table("accuracy_change").with_suffix(".csv")
+        change_table = pd.DataFrame(changes)
+        if arch is not None and change_path.exists():
+            previous = pd.read_csv(change_path)
+            change_table = pd.concat([previous[previous["arch"] != arch], change_table], ignore_index=True)
+        write_csv_atomic(change_path, change_table)
         rich_table = Table(title=f"test-split classification ({len(test)} images, 95% bootstrap CI)")
         for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC"):
             rich_table.add_column(column, justify="left" if column == "arch" else "right")
@@ -217,6 +246,13 @@ def evaluate_study(
             ]
             rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells)
         console = Console()
-        (console if console.is_terminal else Console(width=120)).print(rich_table)  # a log keeps whole rows
+        console = console if console.is_terminal else Console(width=120)  # a log keeps whole rows
+        console.print(rich_table)
+        for _, row in change_table.iterrows():
+            console.print(
+                f"{row['arch']}: accuracy {row['accuracy_stage1']:.3f} → {row['accuracy_stage2']:.3f} "
+                f"({row['change']:+.3f}; right only at stage 1: {row['only_stage1']}, only at stage 2: "
+                f"{row['only_stage2']}; exact McNemar p = {row['p_mcnemar']:.3g})"
+            )
     distributed.barrier(ctx)
     return summary

@@ -140,6 +140,33 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float | int]:
+    """Exact McNemar test of a paired accuracy change: did classifier B get right a different share of the
+    same images than classifier A? ``correct_a``, ``correct_b``: bool [N] per image. Only the discordant
+    images count: ``only_a`` (right under A only) and ``only_b``; under the null each is Binomial(d, 1/2)
+    with d = only_a + only_b, and p is the two-sided exact binomial p (1.0 when d = 0). Returns n,
+    accuracy_a, accuracy_b, change (accuracy_b − accuracy_a), only_a, only_b, p."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"correct_a {a.shape} and correct_b {b.shape} must both be [N]")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(sps.binomtest(only_b, discordant, 0.5).pvalue)
+    n = int(a.size)
+    accuracy_a = float(a.mean()) if n else float("nan")
+    accuracy_b = float(b.mean()) if n else float("nan")
+    return {
+        "n": n,
+        "accuracy_a": accuracy_a,
+        "accuracy_b": accuracy_b,
+        "change": accuracy_b - accuracy_a,
+        "only_a": only_a,
+        "only_b": only_b,
+        "p": min(p, 1.0),
+    }
+
+
 def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
     """Two-sided Wilcoxon signed-rank p of paired samples; 1.0 when every difference is 0 (or no pair)."""
     d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)

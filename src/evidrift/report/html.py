@@ -188,6 +188,25 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
     section.figures.append(
         draw(F.classification_figure(table, stage_labels), "classification", "Classification")
     )
+    changes = read_csv_or_none(paths.root / "eval" / "accuracy_change.csv")
+    if changes is not None and not changes.empty:
+        first, second = (stage_labels.get(s, f"stage {s}").split(" (")[0] for s in (1, 2))
+        section.tables.append(
+            Table(
+                ["architecture", "n", f"right only at {first}", f"right only at {second}", "accuracy change",
+                 "exact McNemar p"],
+                [
+                    [
+                        Cell(str(r["arch"])), Cell(str(int(r["n"]))), Cell(str(int(r["only_stage1"]))),
+                        Cell(str(int(r["only_stage2"]))), Cell(f"{float(r['change']):+.3f}"),
+                        Cell(fmt(r["p_mcnemar"])),
+                    ]
+                    for _, r in changes.iterrows()
+                ],
+                caption=f"Did accuracy change from {first} to {second}? Paired on the same test images: only "
+                "the images right at one stage count (exact binomial test, two-sided).",
+            )
+        )  # fmt: skip
     return section
 
 
@@ -469,13 +488,18 @@ def overview_section(
     headline = next(
         (m for m in ("topk_iou@0.2", "topk_iou@0.1", "spearman") if m in set(summary["metric"])), None
     )
+    changes = read_csv_or_none(paths.root / "eval" / "accuracy_change.csv")
     for arch in archs:
         parts = [arch + ":"]
         if table is not None and not table.empty:
             acc = table[table["arch"].astype(str) == arch].set_index("stage")["accuracy"]
             if 1 in acc.index and 2 in acc.index:
                 first, second = (label.split(" (")[0] for label in stage_labels)
-                parts.append(f"accuracy {fmt(acc[1], 2)} at {first} → {fmt(acc[2], 2)} at {second};")
+                text = f"accuracy {fmt(acc[1], 2)} at {first} → {fmt(acc[2], 2)} at {second}"
+                change = None if changes is None or changes.empty else changes[changes["arch"] == arch]
+                if change is not None and len(change):
+                    text += f" (paired McNemar p = {fmt(change['p_mcnemar'].iloc[0], 2)})"
+                parts.append(text + ";")
         for metric in [m for m in (headline, "centroid_shift") if m]:
             rows = summary[(summary["arch"] == arch) & (summary["metric"] == metric)].dropna(subset=["mean"])
             if rows.empty:
