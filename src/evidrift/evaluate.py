@@ -8,6 +8,7 @@ macro-F1, macro AUROC with percentile-bootstrap 95% CIs).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -17,6 +18,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from evidrift.artifacts import write_csv_atomic
 from evidrift.distributed import Context, all_gather_cat, epoch_batches
 
 if TYPE_CHECKING:
@@ -174,6 +176,16 @@ def evaluate_model(
     return labels.numpy(), probabilities(logits, loss).numpy()
 
 
+def _write_per_arch_csv(path: Path, table: pd.DataFrame, arch: str | None) -> pd.DataFrame:
+    """Write ``table`` (rows with an ``arch`` column) to ``path``; when only ``arch`` was evaluated, the
+    other architectures' rows already in the file are kept. Returns what was written."""
+    if arch is not None and path.exists():
+        previous = pd.read_csv(path)
+        table = pd.concat([previous[previous["arch"] != arch], table], ignore_index=True)
+    write_csv_atomic(path, table)
+    return table
+
+
 def evaluate_study(
     config: StudyConfig, paths: RunPaths, arch: str | None = None, ctx: Context | None = None
 ) -> pd.DataFrame:
@@ -185,7 +197,7 @@ def evaluate_study(
     from rich.table import Table
 
     from evidrift import distributed
-    from evidrift.artifacts import write_csv_atomic, write_parquet_atomic
+    from evidrift.artifacts import write_parquet_atomic
     from evidrift.data.dataset import ManifestDataset
     from evidrift.data.sources import load_manifest
     from evidrift.models import load_checkpoint
@@ -225,17 +237,10 @@ def evaluate_study(
             write_parquet_atomic(paths.eval_table(model_cfg.key), pd.DataFrame(table)[columns])
     summary = pd.DataFrame(rows)
     if ctx.is_main:
-        path = paths.eval_table("classification").with_suffix(".csv")
-        if arch is not None and path.exists():  # keep the other architectures' rows
-            previous = pd.read_csv(path)
-            summary = pd.concat([previous[previous["arch"] != arch], summary], ignore_index=True)
-        write_csv_atomic(path, summary)
-        change_path = paths.eval_table("accuracy_change").with_suffix(".csv")
-        change_table = pd.DataFrame(changes)
-        if arch is not None and change_path.exists():
-            previous = pd.read_csv(change_path)
-            change_table = pd.concat([previous[previous["arch"] != arch], change_table], ignore_index=True)
-        write_csv_atomic(change_path, change_table)
+        summary = _write_per_arch_csv(paths.eval_table("classification").with_suffix(".csv"), summary, arch)
+        change_table = _write_per_arch_csv(
+            paths.eval_table("accuracy_change").with_suffix(".csv"), pd.DataFrame(changes), arch
+        )
         rich_table = Table(title=f"test-split classification ({len(test)} images, 95% bootstrap CI)")
         for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC"):
             rich_table.add_column(column, justify="left" if column == "arch" else "right")
