@@ -152,12 +152,17 @@ def test_torchrun_whole_run_matches_single_process(tmp_path: Path) -> None:
     assert [(r["stage"], r["epoch"]) for r in records] == [("1", 0), ("1", 1), ("2", 0)]  # written once
     # Adam turns the last-bit differences of all-reduced gradients into ~1e-3 relative differences of
     # the stage-2 weights: same predictions, probabilities and drift figures to that rounding
+    # Stage 1 trains the head on features cached by a per-rank forward at batch 4 vs 8: oneDNN picks
+    # other kernels for other batch shapes and CPU models, so stage-1 probabilities agree to ~1e-6, not
+    # bit for bit (measured 0.7043 vs 0.704299 on a Sapphire Rapids core); the predictions are exact.
     tables = [pd.read_parquet(paths.eval_table("test_resnet")) for paths in (ddp, single)]
+    probability_columns = ["prob_stage1", "prob_stage2"]
     pd.testing.assert_frame_equal(
-        tables[0].drop(columns=["prob_stage2"]), tables[1].drop(columns=["prob_stage2"])
+        tables[0].drop(columns=probability_columns), tables[1].drop(columns=probability_columns)
     )
-    probs = [torch.from_numpy(np.stack(table["prob_stage2"])) for table in tables]
-    torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=5e-3)
+    for column, atol in (("prob_stage1", 1e-4), ("prob_stage2", 5e-3)):
+        probs = [torch.from_numpy(np.stack(table[column])) for table in tables]
+        torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=atol, msg=column)
     a, b = pd.read_parquet(ddp.drift), pd.read_parquet(single.drift)
     assert len(a) == len(b) > 0
     keys = ["arch", "method", "id"]

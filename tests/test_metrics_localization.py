@@ -62,21 +62,54 @@ def test_cnr_and_box_iou_exact() -> None:
     )
 
 
-def test_gmm_foreground_matches_sklearn_on_bimodal_maps() -> None:
+def _reference_gmm_foreground(q: np.ndarray) -> np.ndarray:
+    """chest-distillation's GMMMaskSuggestor on one map: scikit-learn's 2-component GMM, threshold at the mean
+    of its means, then the orphan filter (3 × 3 mean on the interior pixels, ≥ 0.5 → 1), as its code does."""
+    gm = GaussianMixture(n_components=2, random_state=0).fit(q.reshape(-1, 1))
+    binary = (q > np.mean(gm.means_)).astype(np.float32)
+    img = torch.from_numpy(binary)[None, None]
+    img[..., 1:-1, 1:-1] = torch.nn.functional.conv2d(img, torch.full((1, 1, 3, 3), 1 / 9))
+    return (img[0, 0] >= 0.5).numpy()
+
+
+def test_gmm_foreground_matches_chest_distillation_on_bimodal_maps() -> None:
     rng = np.random.default_rng(1)
     x = np.where(
         rng.random((2, 24, 24)) < 0.25, rng.normal(0.8, 0.05, (2, 24, 24)), rng.normal(0.2, 0.05, (2, 24, 24))
     )
+    x[:, 6:14, 8:18] += 0.6  # a blob, so the orphan filter has something to keep
     x = x.astype(np.float32)
     fg = localization.gmm_foreground(torch.from_numpy(x)).numpy()
     for i in range(2):
         q = (x[i] - x[i].min()) / (x[i].max() - x[i].min())
-        gm = GaussianMixture(2, random_state=0).fit(q.reshape(-1, 1))
-        ref = gm.predict(q.reshape(-1, 1)) == np.argmax(gm.means_[:, 0])
-        assert (fg[i].ravel() == ref).mean() > 0.995
-    mask = torch.from_numpy(x > 0.5)
-    assert localization.gmm_iou(torch.from_numpy(x), mask).min().item() > 0.95
-    assert localization.gmm_miou(torch.from_numpy(x), mask).min().item() > 0.95
+        assert (fg[i] == _reference_gmm_foreground(q)).mean() > 0.995
+    blob = np.zeros((2, 24, 24), dtype=bool)
+    blob[:, 6:14, 8:18] = True
+    assert localization.gmm_iou(torch.from_numpy(x), torch.from_numpy(blob)).min().item() > 0.5
+
+
+def test_gmm_threshold_is_the_midpoint_and_orphans_are_filtered() -> None:
+    # a smooth blob: posterior > ½ would take the wide shoulder; the midpoint rule takes the core only
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = torch.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / (2 * 4.0**2))[None]
+    threshold = localization.gmm_threshold(blob).item()
+    fg = localization.gmm_foreground(blob)
+    core = blob > threshold
+    assert 0 < threshold < 1 and torch.equal(fg, localization.filter_orphan_pixels(core))
+    # the orphan filter: a lone interior pixel goes, a 3 × 3 square stays, the border is kept
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, 2, 5] = True
+    mask[0, 4:7, 1:4] = True
+    mask[0, 0, 0] = True
+    out = localization.filter_orphan_pixels(mask)
+    assert not out[0, 2, 5] and out[0, 5, 2] and out[0, 0, 0]
+    assert out[0, 4:7, 1:4].sum() == 5  # centre + 4 edge-centres have ≥ 5 of 9 set; corners have 4
+    # gmm_box_iou: the bounding box of the foreground vs the mask
+    gt = torch.zeros(1, 32, 32, dtype=torch.bool)
+    rows, cols = torch.nonzero(fg[0], as_tuple=True)
+    gt[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+    assert localization.gmm_box_iou(blob, gt).item() == pytest.approx(1.0)
+    assert localization.gmm_iou(blob, gt).item() == pytest.approx(fg.sum().item() / gt.sum().item())
 
 
 def test_gridpg_share_in_target_cell() -> None:
@@ -100,6 +133,7 @@ def test_degenerate_maps_and_empty_masks_give_nan() -> None:
         localization.pixel_auroc,
         localization.cnr,
         localization.gmm_iou,
+        localization.gmm_box_iou,
         localization.box_iou,
         localization.mask_iou,
     ):

@@ -110,8 +110,10 @@ def eigencam(A: torch.Tensor, G: torch.Tensor | None = None) -> torch.Tensor:
 
 def eigengradcam(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Eigen-Grad-CAM: ReLU of the first-principal-component projection of G ⊙ A, sign fixed so that it
-    correlates positively with Σ_k A_k (DESIGN § 5)."""
-    return torch.relu(first_component_projection(G * A, A.sum(dim=1)))
+    correlates positively with Σ_k G_k A_k (DESIGN § 5): the gradient's sign decides the orientation, so the
+    map of −G is the map of G's negative evidence, not the same map."""
+    GA = G * A
+    return torch.relu(first_component_projection(GA, GA.sum(dim=1)))
 
 
 def gradient_map(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

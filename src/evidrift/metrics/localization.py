@@ -13,10 +13,15 @@ those that need a background).
   ``roc_auc_score(mask.ravel(), map.ravel())``).
 - ``cnr``: (μ_in − μ_out) / sqrt(σ²_in + σ²_out) on q (min-max map), population variances; NaN when the
   denominator is 0.
-- ``gmm_iou`` / ``gmm_miou``: a 1-D two-component Gaussian mixture is fitted to q's pixel values by EM
-  (initial means at the 10th/90th percentiles, 100 iterations, variance floor 1e-6); pixels whose posterior
-  of the higher-mean component is > ½ form the foreground. ``gmm_iou`` = IoU(foreground, mask),
-  ``gmm_miou`` = mean of the foreground IoU and the background IoU (background vs ~mask).
+- ``gmm_iou`` / ``gmm_miou`` / ``gmm_box_iou``: chest-distillation's foreground (``GMMMaskSuggestor``):
+  a 1-D two-component Gaussian mixture is fitted to q's pixel values by EM (initial means at the
+  10th/90th percentiles, 100 iterations, variance floor 1e-6); the foreground is q > the midpoint of the
+  two component means (not the posterior > ½ rule, which gives a larger foreground on blob maps), then
+  the 3 × 3 orphan-pixel filter: every interior pixel becomes 1 where the 3 × 3 mean of the binary mask
+  is ≥ ½ (at least 5 of 9), border pixels keep their value. ``gmm_iou`` = IoU(foreground, mask) (the
+  reference's ``iou``), ``gmm_miou`` = mean of the foreground IoU and the background IoU (``miou``),
+  ``gmm_box_iou`` = IoU of the foreground's bounding box with the mask (``bboxiou``; the box includes
+  its last row and column, where the reference's ``prediction[y1:y2, x1:x2]`` drops them).
 - ``box_iou@t``: the bounding box of {q ≥ t} vs the union of the ground-truth boxes, as pixel sets: IoU of
   the filled box with the union mask. Boxes: a list per image of (x0, y0, x1, y1) pixel corners (x1, y1
   exclusive) or a mask already rasterized by ``boxes_to_mask``.
@@ -105,10 +110,9 @@ def cnr(maps: MapsLike, mask: Tensor, size: int | tuple[int, int] | None = None)
     return nan_where((mu_in - mu_out) / torch.where(den > 0, den, torch.ones_like(den)), bad)
 
 
-def gmm_foreground(
-    maps: MapsLike, iterations: int = 100, size: int | tuple[int, int] | None = None
-) -> Tensor:
-    """Foreground of a 2-component 1-D Gaussian mixture fitted to q by EM (module doc), bool [N, H, W]."""
+def gmm_threshold(maps: MapsLike, iterations: int = 100, size: int | tuple[int, int] | None = None) -> Tensor:
+    """The midpoint of the two means of a 2-component 1-D Gaussian mixture fitted to q by EM (module doc),
+    float64 [N] in [0, 1]."""
     m = maps if isinstance(maps, AnalysisMaps) else AnalysisMaps(maps, size)
     x = m.q.flatten(1).double()
     mu = torch.quantile(x, torch.tensor([0.1, 0.9], dtype=torch.float64, device=x.device), dim=1).T.clone()
@@ -126,9 +130,29 @@ def gmm_foreground(
         weight = nk / x.shape[1]
         mu = (resp * x[:, :, None]).sum(1) / nk
         var = ((resp * (x[:, :, None] - mu[:, None, :]) ** 2).sum(1) / nk).clamp_min(floor)
-    high = mu.argmax(dim=1)
-    fg = resp.gather(2, high[:, None, None].expand(-1, x.shape[1], 1))[:, :, 0] > 0.5
-    return fg.reshape(m.n, *m.shape)
+    return mu.mean(dim=1)
+
+
+def filter_orphan_pixels(mask: Tensor) -> Tensor:
+    """chest-distillation's orphan filter: interior pixels of a binary ``mask`` [N, H, W] become True where
+    their 3 × 3 neighbourhood mean is ≥ ½ (5 of 9 pixels), else False; border pixels are kept.
+    bool [N, H, W]."""
+    out = mask.clone().bool()
+    if mask.shape[-2] < 3 or mask.shape[-1] < 3:
+        return out
+    mean = F.avg_pool2d(mask.float()[:, None], kernel_size=3, stride=1)[:, 0]  # [N, H-2, W-2]
+    out[:, 1:-1, 1:-1] = mean >= 0.5
+    return out
+
+
+def gmm_foreground(
+    maps: MapsLike, iterations: int = 100, size: int | tuple[int, int] | None = None
+) -> Tensor:
+    """chest-distillation's GMM foreground (module doc): q > the GMM midpoint, orphan-filtered.
+    bool [N, H, W]."""
+    m = maps if isinstance(maps, AnalysisMaps) else AnalysisMaps(maps, size)
+    threshold = gmm_threshold(m, iterations)
+    return filter_orphan_pixels(m.q.double() > threshold[:, None, None])
 
 
 def gmm_iou(maps: MapsLike, mask: Tensor, size: int | tuple[int, int] | None = None) -> Tensor:
@@ -146,6 +170,16 @@ def gmm_miou(maps: MapsLike, mask: Tensor, size: int | tuple[int, int] | None = 
     return nan_where(value, m.degenerate | m.constant | ~g.any(1) | g.all(1))
 
 
+def gmm_box_iou(maps: MapsLike, mask: Tensor, size: int | tuple[int, int] | None = None) -> Tensor:
+    """IoU of the GMM foreground's bounding box (inclusive) with the mask, float64 [N] in [0, 1]; NaN when
+    the foreground is empty."""
+    m, gt = _prepare(maps, mask, size)
+    fg = gmm_foreground(m)
+    box = bounding_box_mask(fg)
+    bad = m.degenerate | m.constant | ~gt.flatten(1).any(1) | ~fg.flatten(1).any(1)
+    return nan_where(_iou(box.flatten(1), gt.flatten(1)), bad)
+
+
 def boxes_to_mask(boxes: Sequence[Sequence[Sequence[float]]], size: tuple[int, int]) -> Tensor:
     """Union of (x0, y0, x1, y1) boxes per image (pixel corners, x1/y1 exclusive) → bool [N, H, W]."""
     h, w = size
@@ -161,12 +195,18 @@ def box_iou(
 ) -> Tensor:
     """IoU of the bounding box of {q ≥ t} with the union of ground-truth boxes (``mask``), float64 [N]."""
     m, gt = _prepare(maps, mask, size)
-    hot = m.q >= t
+    box = bounding_box_mask(m.q >= t)
+    return nan_where(_iou(box.flatten(1), gt.flatten(1)), m.degenerate | m.constant | ~gt.flatten(1).any(1))
+
+
+def bounding_box_mask(hot: Tensor) -> Tensor:
+    """The filled bounding box (first to last row and column, inclusive) of each True set in ``hot``
+    [N, H, W] bool → bool [N, H, W]; all False where ``hot`` is empty."""
     rows = hot.any(dim=2)
     cols = hot.any(dim=1)
-    h, w = m.shape
-    ar_h = torch.arange(h, device=m.device)
-    ar_w = torch.arange(w, device=m.device)
+    h, w = hot.shape[-2:]
+    ar_h = torch.arange(h, device=hot.device)
+    ar_w = torch.arange(w, device=hot.device)
     big = torch.iinfo(torch.int64).max
     r0 = torch.where(rows, ar_h, big).amin(1)
     r1 = torch.where(rows, ar_h, -1).amax(1)
@@ -174,8 +214,7 @@ def box_iou(
     c1 = torch.where(cols, ar_w, -1).amax(1)
     in_rows = (ar_h[None] >= r0[:, None]) & (ar_h[None] <= r1[:, None])
     in_cols = (ar_w[None] >= c0[:, None]) & (ar_w[None] <= c1[:, None])
-    box = in_rows[:, :, None] & in_cols[:, None, :]
-    return nan_where(_iou(box.flatten(1), gt.flatten(1)), m.degenerate | m.constant | ~gt.flatten(1).any(1))
+    return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 def gridpg(maps: MapsLike, target_cell: Tensor, n: int, size: int | tuple[int, int] | None = None) -> Tensor:
@@ -197,5 +236,6 @@ LOCALIZATION_METRICS = {
     "cnr": cnr,
     "gmm_iou": gmm_iou,
     "gmm_miou": gmm_miou,
+    "gmm_box_iou": gmm_box_iou,
     "box_iou": box_iou,
 }
