@@ -68,10 +68,14 @@ def test_run_drift_writes_every_table(tmp_path) -> None:
         "arch",
         "method",
         "layer",
+        "module",
+        "map_set",
         *METRICS,
         "degenerate",
         "degenerate_reason",
+        "analysis_size",
     ]
+    assert set(drift["analysis_size"]) == {32}  # one grid for the study
     assert len(drift) == 2 * 2 * 11 + 1  # img00 missing at stage 2 for the two-stage methods; + xgradcam
     assert set(drift["layer"]) == {"features.norm5", "l"}
     degenerate = drift[drift["method"] == "xgradcam"].iloc[0]
@@ -87,7 +91,20 @@ def test_run_drift_writes_every_table(tmp_path) -> None:
     ranked = pd.read_csv(paths.rankings)
     top = ranked[(ranked.metric == "spearman") & (ranked.method == "gradcam") & (ranked["rank"] == 1)]
     assert top["arch"].item() == "stable"
-    assert list(pd.read_csv(paths.reversals).columns)[:5] == [
+    assert set(summary["analysis_size"]) == {32}
+    equivalence = pd.read_csv(tmp_path / "equivalence.csv")
+    pair = equivalence[(equivalence.arch == "stable") & (equivalence.layer == "features.norm5")].iloc[0]
+    assert (pair.method_a, pair.method_b, pair.n) == ("gradcam", "layercam", 12 + 11)
+    # stage-1 maps are equal, stage-2 maps differ by small noise: the lower agreement (stage 2) decides
+    assert pair.equivalent and pair.reason.startswith("median Spearman 0.99")
+    drifty = equivalence[(equivalence.arch == "drifty") & (equivalence.layer == "features.norm5")].iloc[0]
+    assert not drifty.equivalent and drifty.median_spearman < 0.9
+    # equivalent for one architecture only: no class, both methods are ranked
+    assert set(summary["equivalence_class"]) == {"gradcam", "layercam", "xgradcam"}
+    assert set(ranked["method"]) == {"gradcam", "layercam", "xgradcam"}
+    assert (tmp_path / "reversals_summary.csv").exists()
+    assert list(pd.read_csv(paths.reversals).columns)[:6] == [
+        "layer",
         "metric",
         "method_a",
         "method_b",

@@ -186,6 +186,10 @@ class RunPaths:
         return self.root / "reversals.csv"
 
     @property
+    def reversals_summary(self) -> Path:
+        return self.root / "reversals_summary.csv"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 

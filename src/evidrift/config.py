@@ -87,7 +87,9 @@ class HeadConfig(Section):
 class ModelConfig(Section):
     """One architecture of the study. ``arch``: an alias (densenet201, resnet50v2, inceptionv3) or any timm
     name. ``weights``: ``none`` (stage 0 pretraining on the phantom source set), ``imagenet`` (timm hub), or a
-    local ``.safetensors``/``.pth`` file. ``cam_layers``: ``default``, ``auto`` or dotted module names."""
+    local ``.safetensors``/``.pth`` file. ``cam_layers``: ``default`` (the paper's post-activation last
+    stage), ``spatial`` (the layer before it, where the CAM gradient varies over space), ``auto`` or dotted
+    module names."""
 
     arch: str
     weights: str = "none"
@@ -188,18 +190,24 @@ class ExplainConfig(Section):
 
 class DriftConfig(Section):
     """Reference-free drift metrics (DESIGN § 6). ``metrics``: ``all`` or names; ``size``: analysis side in
-    pixels (null = the model's input size); ``zone_grid``: [rows, columns]; ``topk``: fractions for @k."""
+    pixels, one for the whole study (null = the smallest input size of the study's models); ``zone_grid``:
+    [rows, columns]; ``topk``: fractions for @k; ``equivalence_spearman``: two methods whose maps agree with
+    a median Spearman ≥ this (or differ by ≤ 1e-3 after min-max) for every architecture at a layer count as
+    one method there."""
 
     metrics: list[str] | Literal["all"] = "all"
     size: Annotated[int, Field(ge=8, le=1024)] | None = None
     zone_grid: tuple[int, int] = (3, 2)
     topk: list[Annotated[float, Field(gt=0, lt=1)]] = [0.05, 0.10, 0.20, 0.30]
+    equivalence_spearman: Annotated[float, Field(gt=0, le=1)] = 0.99
 
 
 class StatsConfig(Section):
-    """Statistics (DESIGN § 7): seeded percentile bootstrap, Wilcoxon with Holm correction at ``alpha``."""
+    """Statistics (DESIGN § 7): seeded percentile bootstrap, Wilcoxon with Holm correction at ``alpha``;
+    ``permutations``: draws of the permutation null of the rank-reversal count."""
 
     n_boot: Annotated[int, Field(ge=100)] = 2000
+    permutations: Annotated[int, Field(ge=200)] = 1000
     ci: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
     seed: int = 0

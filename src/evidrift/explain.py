@@ -5,7 +5,9 @@ For one (arch, stage): the checkpoint is loaded, the test images chosen by ``exp
 capped by ``explain.max_images``, in manifest order) are streamed in batches through ``CAMEngine`` and the
 maps are written to the maps store (DESIGN § 3) in shards of ``explain.shard_size`` images:
 ``maps/{arch}/stage{s}/{name}.part{k}.safetensors``; ``name`` is the method (with several CAM layers:
-``{method}@{layer}``; ``ms-*`` fusions keep their name). Each shard's metadata holds the ids, layer(s),
+``{method}@{layer}`` with the layer as the study names it, e.g. ``gradcam@spatial``; ``ms-*`` fusions keep
+their name). Each shard's metadata holds the ids, layer(s),
+the method (``cam_method``) and the layer as the study names it (``layer_key``: ``default``, ``spatial``, …),
 ``input_size``, ``target``/``score``, the explained classes (``targets``), degenerate flags and a ``tag``
 (hash of the explain settings, layers, weights and input size).
 
@@ -73,8 +75,11 @@ def select_samples(
     return chosen.iloc[:max_images].reset_index(drop=True) if max_images is not None else chosen
 
 
-def store_names(methods: Sequence[str], layers: Sequence[str]) -> dict[Any, str]:
-    """Engine map key → maps-store name (module docstring)."""
+def store_names(methods: Sequence[str], layers: Sequence[str] | dict[str, str]) -> dict[Any, str]:
+    """Engine map key → maps-store name (module docstring). ``layers``: the dotted layers, or dotted layer →
+    the name the study gave it (``cam_layer_keys``), which then names the map set (``gradcam@spatial``), so
+    that one name means the same role in every architecture."""
+    keys = dict(layers) if isinstance(layers, dict) else {layer: layer for layer in layers}
     from evidrift.cam.methods import FUSION_PREFIX, method_spec
 
     names: dict[Any, str] = {}
@@ -84,8 +89,8 @@ def store_names(methods: Sequence[str], layers: Sequence[str]) -> dict[Any, str]
         if method.startswith(FUSION_PREFIX) or at_input or len(layers) == 1:
             names[method] = method
         else:
-            for layer in layers:
-                names[(layer, method)] = f"{method}@{layer}"
+            for layer, key in keys.items():
+                names[(layer, method)] = f"{method}@{key}"
     return names
 
 
@@ -133,7 +138,7 @@ def explain_run(
     from evidrift.cam import CAMEngine, resolve_method
     from evidrift.data.dataset import ManifestDataset
     from evidrift.data.sources import load_manifest
-    from evidrift.models import file_sha256, load_checkpoint, resolve_cam_layers
+    from evidrift.models import cam_layer_keys, file_sha256, load_checkpoint
 
     stage = int(stage)
     model_cfg = next((m for m in config.models if m.key == arch), None)
@@ -146,8 +151,9 @@ def explain_run(
     ctx = ctx or distributed.setup(config.train.device)
     checkpoint = paths.checkpoint(arch, stage)
     model, meta = load_checkpoint(checkpoint, map_location=ctx.device)
-    layers = resolve_cam_layers(model, str(meta.get("arch", model_cfg.arch)), model_cfg.cam_layers)
-    names = store_names(methods, layers)
+    layer_keys = cam_layer_keys(model, str(meta.get("arch", model_cfg.arch)), model_cfg.cam_layers)
+    layers = list(layer_keys)
+    names = store_names(methods, layer_keys)
 
     frame, classes = load_manifest(paths)
     test = frame[(frame["split"] == "test") & (frame["status"] == "ok")].reset_index(drop=True)
@@ -220,7 +226,7 @@ def explain_run(
                 labels = batch["label"].to(ctx.device)
                 out = engine(x, cfg.target, methods=methods, score=cfg.score, labels=labels)
                 for key in names:
-                    parts[key].append(out.maps[key].detach().to("cpu", torch.float16))
+                    parts[key].append(out.maps[key].detach().to("cpu", torch.float32))  # scaled, then fp16
                     flags[key].append(out.degenerate[key].cpu())
                 targets.append(out.targets.cpu())
                 shard_ids.extend(str(i) for i in batch["id"])
@@ -230,6 +236,10 @@ def explain_run(
                 layer = "+".join(layers) if isinstance(key, str) else key[0]
                 extra = {
                     **base,
+                    "cam_method": key if isinstance(key, str) else key[1],
+                    "layer_key": (
+                        "+".join(layer_keys.values()) if isinstance(key, str) else layer_keys[key[0]]
+                    ),
                     "targets": explained,
                     "degenerate": json.dumps(torch.cat(flags[key]).tolist()),
                 }

@@ -52,6 +52,16 @@ _DEFAULT_CAM_LAYERS: tuple[tuple[str, str], ...] = (
     ("inception_v3", "Mixed_7c"),
 )
 
+#: The ``spatial`` CAM layer per timm family: the last layer before the default one where the CAM gradient
+#: varies over space (the default layer feeds global average pooling and a linear head, which makes the
+#: gradient constant over space and gradcam ≡ xgradcam ≡ hirescam, gradcam++ ≈ layercam there): the last
+#: stage before its final BatchNorm + ReLU (densenet, resnetv2) or the block before the last (inception_v3).
+_SPATIAL_CAM_LAYERS: tuple[tuple[str, str], ...] = (
+    ("densenet", "features.denseblock4"),
+    ("resnetv2_", "stages.3"),
+    ("inception_v3", "Mixed_7b"),
+)
+
 _FROZEN_FLAG = "_evidrift_frozen_backbone"
 _FROZEN_BN_FLAG = "_evidrift_frozen_batchnorm"
 _HUB_HOST = ("huggingface.co", 443)
@@ -506,6 +516,26 @@ def default_cam_layers(model: nn.Module, arch: str) -> list[str]:
     return [_auto_cam_layer(model)]
 
 
+def spatial_cam_layer(model: nn.Module, arch: str) -> str:
+    """The ``spatial`` CAM layer (``_SPATIAL_CAM_LAYERS``); for timm ResNets (``resnet*``, not ``resnetv2``)
+    the last BatchNorm of ``layer4``'s last block (before its residual add and ReLU). Raises ValueError for
+    other families, asking for a dotted layer name."""
+    timm_name = resolve_arch(arch)
+    named = dict(unwrap(model).named_modules())
+    for family, layer in _SPATIAL_CAM_LAYERS:
+        if timm_name.startswith(family) and layer in named:
+            return layer
+    if timm_name.startswith("resnet") and not timm_name.startswith("resnetv2"):
+        norms = [n for n, m in named.items() if n.startswith("layer4.") and isinstance(m, nn.BatchNorm2d)]
+        norms = [n for n in norms if "downsample" not in n]
+        if norms:
+            return norms[-1]
+    raise ValueError(
+        f"no `spatial` CAM layer is known for {timm_name}; name a dotted layer before the last stage's "
+        "pooling in cam_layers instead (see `model.named_modules()`)"
+    )
+
+
 def _auto_cam_layer(model: nn.Module) -> str:
     model = unwrap(model)
     info = getattr(model, "feature_info", None)
@@ -526,16 +556,28 @@ def _auto_cam_layer(model: nn.Module) -> str:
 def resolve_cam_layers(
     model: nn.Module, arch: str, names: list[str] | tuple[str, ...] = ("default",)
 ) -> list[str]:
-    """Dotted module names for ``names`` (``default``, ``auto`` or dotted names), duplicates removed.
+    """Dotted module names for ``names`` (``default``, ``spatial``, ``auto`` or dotted names), duplicates
+    removed.
 
     Raises ValueError for a name that is not a module, with the closest module names as candidates.
     """
+    return list(cam_layer_keys(model, arch, names))
+
+
+def cam_layer_keys(
+    model: nn.Module, arch: str, names: list[str] | tuple[str, ...] = ("default",)
+) -> dict[str, str]:
+    """Dotted module name → the name the study gave it (``default``, ``spatial``, ``auto`` or the dotted name
+    itself), in order, duplicates removed. The study's names are what the drift statistics compare across
+    architectures: ``default`` is a different module per architecture but the same role."""
     modules = [n for n, _ in unwrap(model).named_modules() if n]
     known = set(modules)
-    layers: list[str] = []
+    layers: dict[str, str] = {}
     for name in names:
         if name == "default":
             resolved = default_cam_layers(model, arch)
+        elif name == "spatial":
+            resolved = [spatial_cam_layer(model, arch)]
         elif name == "auto":
             resolved = [_auto_cam_layer(model)]
         elif name in known:
@@ -544,9 +586,10 @@ def resolve_cam_layers(
             close = difflib.get_close_matches(name, modules, n=8, cutoff=0.5)
             raise ValueError(
                 f"cam layer {name!r} is not a module of {resolve_arch(arch)}; "
-                f"candidates: {close or modules[-8:]} (or use `default` / `auto`)"
+                f"candidates: {close or modules[-8:]} (or use `default` / `spatial` / `auto`)"
             )
-        layers += [layer for layer in resolved if layer not in layers]
+        for layer in resolved:
+            layers.setdefault(layer, name)
     return layers
 
 

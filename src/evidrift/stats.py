@@ -1,22 +1,26 @@
-"""Statistics of a drift table (DESIGN § 7): summaries with bootstrap CIs, paired tests, rankings, reversals.
+"""Statistics of a drift table (DESIGN § 7): summaries with bootstrap CIs, paired tests, rankings.
 
-Input: the drift table (one row per (id, arch, method), one column per metric; see
-``evidrift.metrics.drift.compare``). NaN values (degenerate maps) are left out of every statistic; ``n``
-counts the finite values used.
+Input: the drift table (one row per (id, arch, layer, method), one column per metric; see
+``evidrift.metrics.drift.compare``). ``layer`` is the CAM layer as the study names it (``default``,
+``spatial`` or a dotted module name); a table without the column counts as one layer ``""``. Every
+statistic is per layer: architectures are compared with each other at the same layer. NaN values (degenerate
+maps) are left out of every statistic; ``n`` counts the finite values used.
 
 Choices:
 - Bootstrap: percentile intervals of the mean from ``n_boot`` resamples with replacement, seeded
   (``numpy.random.default_rng(seed)``), all resamples of one group drawn as one index matrix.
-- Direction-aware stability score per (arch, method, metric): the mean for ``higher``/``lower`` metrics, the
-  mean absolute value for signed ``zero`` metrics (entropy/gini/top-k mass changes). Rank 1 = most stable.
-- Paired tests: for each (method, metric) and each pair of architectures, the images both explained with a
-  finite value (inner join on ``id``), two-sided Wilcoxon signed-rank test (scipy, ``zero_method='wilcox'``)
-  on the values (absolute values for ``zero`` metrics); p = 1 when every difference is 0 or fewer than 1 pair.
-  Holm correction within each (method, metric) family (all its architecture pairs).
-- Rank reversal: for a metric, two methods and two architectures x, y, the differences of the stability score
-  ``score(x) − score(y)`` under each method have opposite signs (both non-zero). Each row carries both
-  differences (metric units) and whether each method's paired test is significant after Holm.
-- Kendall τ-b between two methods' architecture scores for a metric (NaN when fewer than 2 architectures).
+- Direction-aware stability score per (arch, layer, method, metric): the mean for ``higher``/``lower``
+  metrics, the mean absolute value for signed ``zero`` metrics (entropy/gini/top-k mass changes). Rank 1 =
+  most stable.
+- Paired tests: for each (layer, method, metric) and each pair of architectures, the images both explained
+  with a finite value (inner join on ``id``), two-sided Wilcoxon signed-rank test (scipy,
+  ``zero_method='wilcox'``) on the values (absolute values for ``zero`` metrics); p = 1 when every
+  difference is 0 or fewer than 1 pair. Holm correction within each (layer, method, metric) family.
+- Equivalent methods (``evidrift.reversals.equivalence_classes``): ``rankings`` and
+  ``kendall_between_methods`` take an optional ``{layer: {method: representative}}`` mapping and keep one
+  method per class, so coinciding methods never count twice.
+- Kendall τ-b between two methods' architecture scores for a (layer, metric) (NaN with < 2 architectures).
+- Rank reversals and their tests live in ``evidrift.reversals``.
 """
 
 from __future__ import annotations
@@ -32,17 +36,31 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from evidrift.metrics.drift import metric_direction
 
-KEYS = ("id", "arch", "method")
+KEYS = ("id", "arch", "layer", "method")
 NON_METRIC_COLUMNS = {
     "id",
     "arch",
     "method",
     "layer",
+    "module",
+    "map_set",
+    "analysis_size",
     "degenerate",
     "degenerate_reason",
     "stage_a",
     "stage_b",
 }
+
+
+#: ``{layer: {method: representative method}}``: which method stands for each equivalence class.
+Representatives = dict[str, dict[str, str]]
+
+
+def with_layer(drift: pd.DataFrame) -> pd.DataFrame:
+    """``drift`` with a ``layer`` column (``""`` when it has none), as strings."""
+    if "layer" in drift.columns:
+        return drift.assign(layer=drift["layer"].fillna("").astype(str))
+    return drift.assign(layer="")
 
 
 def metric_columns(drift: pd.DataFrame) -> list[str]:
@@ -89,16 +107,17 @@ def summarize(
     ci: float = 0.95,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Per (arch, method, metric): n (finite values), n_nan, mean, median, std (ddof 1), ci_low, ci_high.
+    """Per (arch, layer, method, metric): n (finite values), n_nan, mean, median, std (ddof 1), ci_low,
+    ci_high.
 
     Each group's bootstrap uses the seed ``seed`` (reproducible and independent of group order)."""
     metrics = list(metrics) if metrics is not None else metric_columns(drift)
     rows = []
-    for (arch, method), group in drift.groupby(["arch", "method"], sort=True):
+    for (arch, layer, method), group in with_layer(drift).groupby(["arch", "layer", "method"], sort=True):
         for metric in metrics:
             values = group[metric].to_numpy(dtype=np.float64)
             summary = describe(values, n_boot, ci, seed)
-            rows.append({"arch": arch, "method": method, "metric": metric, **summary})
+            rows.append({"arch": arch, "layer": layer, "method": method, "metric": metric, **summary})
     return pd.DataFrame(rows)
 
 
@@ -121,7 +140,7 @@ def describe(
     }
 
 
-def _oriented(values: pd.Series | np.ndarray, metric: str) -> np.ndarray:
+def oriented(values: pd.Series | np.ndarray, metric: str) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     return np.abs(values) if metric_direction(metric) == "zero" else values
 
@@ -175,16 +194,30 @@ def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
     return float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
+PAIRED_TEST_COLUMNS = [
+    "layer",
+    "method",
+    "metric",
+    "arch_x",
+    "arch_y",
+    "n",
+    "mean_diff",
+    "p",
+    "p_holm",
+    "significant",
+]
+
+
 def paired_tests(
     drift: pd.DataFrame, metrics: Sequence[str] | None = None, alpha: float = 0.05
 ) -> pd.DataFrame:
-    """Wilcoxon signed-rank tests between architectures on shared images, per (method, metric).
+    """Wilcoxon signed-rank tests between architectures on shared images, per (layer, method, metric).
 
-    Columns: method, metric, arch_x, arch_y, n (shared images with finite values), mean_diff (mean of
+    Columns: layer, method, metric, arch_x, arch_y, n (shared images with finite values), mean_diff (mean of
     x − y over them, absolute values for ``zero`` metrics), p, p_holm, significant (p_holm < alpha)."""
     metrics = list(metrics) if metrics is not None else metric_columns(drift)
     rows: list[dict[str, Any]] = []
-    for method, by_method in drift.groupby("method", sort=True):
+    for (layer, method), by_method in with_layer(drift).groupby(["layer", "method"], sort=True):
         archs = sorted(by_method["arch"].unique())
         per_arch = {a: by_method[by_method["arch"] == a].drop_duplicates("id").set_index("id") for a in archs}
         for metric in metrics:
@@ -193,9 +226,10 @@ def paired_tests(
                 joined = pd.concat(
                     [per_arch[x][metric].rename("x"), per_arch[y][metric].rename("y")], axis=1, join="inner"
                 ).dropna()
-                vx, vy = _oriented(joined["x"], metric), _oriented(joined["y"], metric)
+                vx, vy = oriented(joined["x"], metric), oriented(joined["y"], metric)
                 family.append(
                     {
+                        "layer": layer,
                         "method": method,
                         "metric": metric,
                         "arch_x": x,
@@ -210,20 +244,45 @@ def paired_tests(
                 row["p_holm"] = float(p_adj)
                 row["significant"] = bool(p_adj < alpha)
             rows.extend(family)
-    columns = ["method", "metric", "arch_x", "arch_y", "n", "mean_diff", "p", "p_holm", "significant"]
+    columns = [
+        "layer",
+        "method",
+        "metric",
+        "arch_x",
+        "arch_y",
+        "n",
+        "mean_diff",
+        "p",
+        "p_holm",
+        "significant",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
+def keep_representatives(drift: pd.DataFrame, representatives: Representatives | None) -> pd.DataFrame:
+    """The rows of ``drift`` (any table with layer and method columns) whose method represents its
+    equivalence class at its layer (every row when ``representatives`` is None or names neither)."""
+    drift = with_layer(drift)
+    if not representatives:
+        return drift
+    keep = [
+        representatives.get(layer, {}).get(method, method) == method
+        for layer, method in zip(drift["layer"], drift["method"], strict=True)
+    ]
+    return drift[np.asarray(keep, dtype=bool)]
+
+
 def stability_scores(drift: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per (method, metric, arch): score = mean (``higher``/``lower``) or mean |value| (``zero``)."""
+    """Per (layer, method, metric, arch): score = mean (``higher``/``lower``) or mean |value| (``zero``)."""
     metrics = list(metrics) if metrics is not None else metric_columns(drift)
     rows = []
-    for (method, arch), group in drift.groupby(["method", "arch"], sort=True):
+    for (layer, method, arch), group in with_layer(drift).groupby(["layer", "method", "arch"], sort=True):
         for metric in metrics:
-            values = _oriented(group[metric], metric)
+            values = oriented(group[metric], metric)
             values = values[np.isfinite(values)]
             rows.append(
                 {
+                    "layer": layer,
                     "method": method,
                     "metric": metric,
                     "arch": arch,
@@ -232,89 +291,57 @@ def stability_scores(drift: pd.DataFrame, metrics: Sequence[str] | None = None) 
                     "n": int(values.size),
                 }
             )
-    return pd.DataFrame(rows, columns=["method", "metric", "arch", "direction", "score", "n"])
+    return pd.DataFrame(rows, columns=["layer", "method", "metric", "arch", "direction", "score", "n"])
 
 
-def rankings(drift: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Architectures ranked by stability per (method, metric); rank 1 = most stable (ties: ``min`` rank).
+RANKING_COLUMNS = ["layer", "method", "metric", "direction", "rank", "arch", "score", "n"]
 
-    Columns: method, metric, direction, rank, arch, score, n."""
-    scores = stability_scores(drift, metrics)
+
+def rankings(
+    drift: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    representatives: Representatives | None = None,
+) -> pd.DataFrame:
+    """Architectures ranked by stability per (layer, method, metric); rank 1 = most stable (ties: ``min``
+    rank). With ``representatives``, one method per equivalence class.
+
+    Columns: layer, method, metric, direction, rank, arch, score, n."""
+    scores = stability_scores(keep_representatives(drift, representatives), metrics)
     out = []
-    for (_method, _metric), group in scores.groupby(["method", "metric"], sort=False):
+    for _, group in scores.groupby(["layer", "method", "metric"], sort=False):
         higher = group["direction"].iloc[0] == "higher"
         key = -group["score"] if higher else group["score"]
         group = group.assign(rank=key.rank(method="min", na_option="bottom").astype(int))
         out.append(group.sort_values(["rank", "arch"]))
     if not out:
-        return pd.DataFrame(columns=["method", "metric", "direction", "rank", "arch", "score", "n"])
-    table = pd.concat(out, ignore_index=True)
-    return table[["method", "metric", "direction", "rank", "arch", "score", "n"]]
+        return pd.DataFrame(columns=RANKING_COLUMNS)
+    return pd.concat(out, ignore_index=True)[RANKING_COLUMNS]
 
 
-def kendall_between_methods(ranked: pd.DataFrame) -> pd.DataFrame:
-    """Kendall τ-b between every pair of methods' architecture scores, per metric.
+def kendall_between_methods(
+    ranked: pd.DataFrame, representatives: Representatives | None = None
+) -> pd.DataFrame:
+    """Kendall τ-b between every pair of (non-equivalent) methods' architecture scores, per (layer, metric).
 
-    ``ranked``: the output of ``rankings``. Columns: metric, method_a, method_b, n_archs, tau."""
+    ``ranked``: the output of ``rankings``. Columns: layer, metric, method_a, method_b, n_archs, tau."""
     rows = []
-    for metric, group in ranked.groupby("metric", sort=False):
+    ranked = keep_representatives(ranked, representatives)
+    for (layer, metric), group in ranked.groupby(["layer", "metric"], sort=False):
         pivot = group.pivot_table(index="arch", columns="method", values="score")
         for ma, mb in itertools.combinations(sorted(pivot.columns), 2):
             pair = pivot[[ma, mb]].dropna()
             tau = sps.kendalltau(pair[ma], pair[mb]).statistic if len(pair) >= 2 else np.nan
             rows.append(
-                {"metric": metric, "method_a": ma, "method_b": mb, "n_archs": len(pair), "tau": float(tau)}
+                {
+                    "layer": layer,
+                    "metric": metric,
+                    "method_a": ma,
+                    "method_b": mb,
+                    "n_archs": len(pair),
+                    "tau": float(tau),
+                }
             )
-    return pd.DataFrame(rows, columns=["metric", "method_a", "method_b", "n_archs", "tau"])
-
-
-REVERSAL_COLUMNS = [
-    "metric",
-    "method_a",
-    "method_b",
-    "arch_x",
-    "arch_y",
-    "diff_under_a",
-    "diff_under_b",
-    "significant_a",
-    "significant_b",
-]
-
-
-def reversals(drift: pd.DataFrame, tests: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Rank reversals (module docstring): pairs of methods under which two architectures swap order.
-
-    ``tests``: the output of ``paired_tests`` on the same table. diff_under_m = score(arch_x) − score(arch_y)
-    under method m (metric units; absolute values for ``zero`` metrics)."""
-    scores = stability_scores(drift, metrics)
-    lookup = {(r.method, r.metric, r.arch): r.score for r in scores.itertuples()}
-    significant: dict[tuple[str, str, str, str], bool] = {}
-    for r in tests.itertuples():
-        significant[(r.method, r.metric, r.arch_x, r.arch_y)] = bool(r.significant)
-        significant[(r.method, r.metric, r.arch_y, r.arch_x)] = bool(r.significant)
-    rows = []
-    methods = sorted(scores["method"].unique())
-    archs = sorted(scores["arch"].unique())
-    for metric in scores["metric"].unique():
-        for ma, mb in itertools.combinations(methods, 2):
-            for x, y in itertools.combinations(archs, 2):
-                da = lookup.get((ma, metric, x), np.nan) - lookup.get((ma, metric, y), np.nan)
-                db = lookup.get((mb, metric, x), np.nan) - lookup.get((mb, metric, y), np.nan)
-                if np.isfinite(da) and np.isfinite(db) and da * db < 0:
-                    rows.append(
-                        {
-                            "metric": metric,
-                            "method_a": ma,
-                            "method_b": mb,
-                            "arch_x": x,
-                            "arch_y": y,
-                            "diff_under_a": float(da),
-                            "diff_under_b": float(db),
-                            "significant_a": significant.get((ma, metric, x, y), False),
-                            "significant_b": significant.get((mb, metric, x, y), False),
-                        }
-                    )
-    return pd.DataFrame(rows, columns=REVERSAL_COLUMNS)
+    return pd.DataFrame(rows, columns=["layer", "metric", "method_a", "method_b", "n_archs", "tau"])
 
 
 # --- classification figures ---------------------------------------------------------------------------------
