@@ -14,7 +14,7 @@ import evidrift  # noqa: F401  (before timm)
 from evidrift.artifacts import RunPaths
 from evidrift.cli import app
 from evidrift.metrics.drift import default_metric_names
-from evidrift.presets import DEMO_METHODS, demo_config
+from evidrift.presets import DEMO_LAYERS, DEMO_METHODS, demo_config
 from evidrift.study import STEPS, read_marker, step_hashes
 
 
@@ -38,11 +38,27 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     metrics = default_metric_names()
     assert set(metrics) <= set(drift.columns)
     assert sorted(drift["method"].unique()) == sorted(DEMO_METHODS)
+    assert set(drift["layer"]) == set(DEMO_LAYERS) == {"default", "spatial"}
+    assert set(drift["module"]) == {"layer4", "layer4.1.bn2"}
     test_ids = pd.read_parquet(paths.eval_table("resnet18"))["id"]
-    assert len(drift) == len(test_ids) * len(DEMO_METHODS)  # samples: all
-    assert drift.groupby("method")["id"].apply(set).map(lambda ids: ids == set(test_ids)).all()
+    assert len(drift) == len(test_ids) * len(DEMO_METHODS) * len(DEMO_LAYERS)  # samples: all
+    assert drift.groupby("map_set")["id"].apply(set).map(lambda ids: ids == set(test_ids)).all()
     summary = pd.read_csv(paths.summary)
-    assert len(summary) == len(metrics) * len(DEMO_METHODS)
+    assert len(summary) == len(metrics) * len(DEMO_METHODS) * len(DEMO_LAYERS)
+    assert summary["analysis_size"].nunique() == 1 and summary["analysis_size"].iloc[0] == 32
+    # the GAP-fed layer makes gradcam ≡ xgradcam (and gradcam++ ≈ layercam); the spatial layer does not
+    equivalence = pd.read_csv(out / "equivalence.csv")
+    at = equivalence.set_index(["layer", "method_a", "method_b"])["equivalent"]
+    assert at[("default", "gradcam", "xgradcam")]
+    assert not at.loc["spatial"].all()
+    classes = dict(
+        zip(summary["method"] + "@" + summary["layer"], summary["equivalence_class"], strict=False)
+    )
+    assert classes["xgradcam@default"] == "gradcam ≡ xgradcam" and classes["xgradcam@spatial"] == "xgradcam"
+    assert "Equivalent at layer default: gradcam ≡ xgradcam" in text
+    assert "rank reversals (0 significant); expected under no interaction" in text
+    ranked = pd.read_csv(paths.rankings)
+    assert "xgradcam" not in set(ranked[ranked["layer"] == "default"]["method"])
     assert (
         summary["ci_low"].le(summary["mean"] + 1e-12).all()
         and summary["mean"].le(summary["ci_high"] + 1e-12).all()

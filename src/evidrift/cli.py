@@ -250,15 +250,17 @@ def drift(
     header, rows = summary_rows(outputs.summary)
     table = Table(title=f"explanation drift, stage 1 → stage 2 (mean [95% CI]) — {run_dir}")
     for column in header:
-        table.add_column(column, justify="left" if column in ("arch", "method") else "right")
+        table.add_column(column, justify="left" if column in ("arch", "layer", "method") else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
     console.print(
         f"{len(outputs.drift)} pairs, {int(outputs.drift['degenerate'].sum())} degenerate; "
-        f"{len(outputs.reversals)} rank reversals; tables in {run_dir}",
+        f"tables in {run_dir}",
         highlight=False,
     )
+    for line in _findings_lines(run_dir):
+        console.print(line, highlight=False, markup=False)
 
 
 # --- run / demo / compare / report (study)
@@ -272,10 +274,33 @@ def _print_drift_table(run_dir: Path, title: str) -> None:
     header, rows = summary_rows(pd.read_csv(run_dir / "summary.csv"))
     table = Table(title=title)
     for column in header:
-        table.add_column(column, justify="left" if column in ("arch", "method") else "right", overflow="fold")
+        table.add_column(
+            column, justify="left" if column in ("arch", "layer", "method") else "right", overflow="fold"
+        )
     for row in rows:
         table.add_row(*row)
-    (console if console.is_terminal else Console(width=160)).print(table)  # a log file gets the whole table
+    out = console if console.is_terminal else Console(width=180)  # a log file gets the whole table
+    out.print(table)
+    for line in _findings_lines(run_dir):
+        out.print(line, highlight=False, markup=False)
+
+
+def _findings_lines(run_dir: Path) -> list[str]:
+    """The reversal count beside its permutation null, and the equivalence classes per layer."""
+    import pandas as pd
+
+    from evidrift.reversals import summary_line
+
+    lines = []
+    reversal_summary = run_dir / "reversals_summary.csv"
+    if reversal_summary.is_file():
+        lines.append(summary_line(pd.read_csv(reversal_summary)))
+    equivalence = run_dir / "equivalence.csv"
+    if equivalence.is_file() and equivalence.stat().st_size > 1:
+        from evidrift.report.html import equivalence_sentences
+
+        lines += equivalence_sentences(pd.read_csv(equivalence))
+    return lines
 
 
 def _run_and_report(

@@ -2,7 +2,8 @@
 
 ``demo_config(quick=False)``: densenet201, resnet50v2 and inceptionv3 trained from scratch on the phantom
 ``source`` task (stage 0), then transfer (stage 1, frozen backbone, cached features) and fine-tuning (stage 2)
-on phantom chest X-rays; four gradient CAMs; every drift metric; statistics; the report. Sized for ≤ 10
+on phantom chest X-rays; four gradient CAMs at two layers (``DEMO_LAYERS``); every drift metric;
+statistics; the report. Sized for ≤ 10
 minutes and ≤ 4 GB on 2 CPU cores from the measured CPU throughput (batch 8, 2 threads, images/s forward /
 train step at 128 px: resnetv2_50 105/30, densenet201 74/22, inception_v3 132/45): small inputs, a few
 hundred images, stage 0 at half resolution and a few epochs per stage. The numbers are a budget, not a
@@ -24,6 +25,10 @@ from evidrift.config import StudyConfig, parse_config
 
 DEMO_ARCHS = ("densenet201", "resnet50v2", "inceptionv3")
 DEMO_METHODS = ["gradcam++", "layercam", "gradcam", "xgradcam"]
+#: The paper's layer (post-activation last stage, feeding global average pooling: there gradcam ≡ xgradcam
+#: and gradcam++ ≈ layercam) and the layer before it, where the CAM gradient varies over space and the
+#: four methods differ.
+DEMO_LAYERS = ["default", "spatial"]
 
 
 def _default_preset() -> dict[str, Any]:
@@ -41,7 +46,10 @@ def _default_preset() -> dict[str, Any]:
             "phantom": {"n": 300, "size": 192, "seed": 0, "n_source": 400},
             "split": {"val": 0.15, "test": 0.3, "seed": 0},
         },
-        "models": [{"arch": arch, "weights": "none", "image_size": size} for arch, size in sizes.items()],
+        "models": [
+            {"arch": arch, "weights": "none", "image_size": size, "cam_layers": DEMO_LAYERS}
+            for arch, size in sizes.items()
+        ],
         "train": {
             "loss": "ce",
             "device": "auto",
@@ -81,7 +89,7 @@ def _quick_preset() -> dict[str, Any]:
             "split": {"val": 0.2, "test": 0.3, "seed": 0},
             "augment": False,
         },
-        "models": [{"arch": "resnet18", "weights": "none", "image_size": 64}],
+        "models": [{"arch": "resnet18", "weights": "none", "image_size": 64, "cam_layers": DEMO_LAYERS}],
         "train": {
             "stage0": {
                 "epochs": 1,

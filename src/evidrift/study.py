@@ -275,7 +275,7 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
     ``LOCALIZATION_METRICS`` (at the drift analysis size); None when the data has no masks."""
     import torch
 
-    from evidrift.analysis import analysis_size, stored_archs
+    from evidrift.analysis import drift_jobs, stored_archs, study_analysis_size
     from evidrift.artifacts import read_maps, stored_methods
     from evidrift.metrics import localization as loc
     from evidrift.metrics.common import AnalysisMaps
@@ -289,11 +289,11 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
     with_masks = with_masks[with_masks["split"] == "test"]
     rows = []
     masks_by_size: dict[int, dict[str, Any]] = {}
+    size = study_analysis_size(paths, drift_jobs(paths), settings)  # the drift step's one grid
     for arch in stored_archs(paths):
         for stage in (1, 2):
             for method in stored_methods(paths, arch, stage):
-                maps, ids, meta = read_maps(paths, arch, stage, method)
-                size = analysis_size(paths, arch, meta, settings)
+                maps, ids, _ = read_maps(paths, arch, stage, method)
                 if size not in masks_by_size:
                     masks_by_size[size] = _masks_at(with_masks, size, config.data.resize)
                 masks = masks_by_size[size]

@@ -134,10 +134,9 @@ def ranking_figure(
     """A bump chart per metric: methods on x, the architectures' stability rank on y (1 = most stable, top).
 
     ``rankings``: columns method, metric, arch, rank. ``reversals``: columns metric, method_a, method_b,
-    arch_x, arch_y, significant_a, significant_b (``evidrift.stats.reversals``). A panel whose metric has a
-    reversal is tinted, with the counts (all, and with a significant difference under either method) in a
-    red title; for the significant ones the two architectures' ranks under the two methods are joined by
-    red dashed segments.
+    arch_x, arch_y, significant (``evidrift.reversals.reversals``). A panel whose metric has a reversal is
+    tinted, with the counts (all, and significant) in a red title; for the significant ones the two
+    architectures' ranks under the two methods are joined by red dashed segments.
     """
     colors = arch_colors(archs)
     rows = max(1, math.ceil(len(metrics) / columns))
@@ -158,8 +157,11 @@ def ranking_figure(
                     label=shorten(arch, 20),
                 )
             flips = reversals[reversals["metric"] == metric] if len(reversals) else reversals
-            sig_cols = [c for c in flips.columns if c.startswith("significant")]
-            significant = flips[flips[sig_cols].astype(bool).any(axis=1)] if sig_cols else flips
+            if "significant" in flips.columns:
+                significant = flips[flips["significant"].astype(bool)]
+            else:
+                sig_cols = [c for c in flips.columns if c.startswith("significant")]
+                significant = flips[flips[sig_cols].astype(bool).any(axis=1)] if sig_cols else flips
             for _, flip in significant.iterrows():
                 ma, mb = str(flip["method_a"]), str(flip["method_b"])
                 if ma not in pos or mb not in pos:

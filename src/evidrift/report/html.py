@@ -39,6 +39,12 @@ from evidrift.report.elements import (
     read_csv_or_none,
 )
 from evidrift.report.map_sections import overlay_section, zone_section
+from evidrift.report.method_labels import (
+    drift_for_display,
+    layers_of,
+    methods_for_display,
+    summary_for_display,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 #: Headline drift metrics (shown in the summary table and the distributions), in this order when present.
@@ -225,9 +231,7 @@ def drift_summary_section(
     low, high = ci_columns(summary)
     metrics = ordered(summary["metric"])
     key = [m for m in KEY_METRICS if m in metrics] or metrics[:8]
-    n_images = (
-        drift.groupby(["arch", "method"]).size().to_dict() if drift is not None and not drift.empty else {}
-    )
+    n_images = summary.groupby(["arch", "method"])["n"].max().astype(int).to_dict() if "n" in summary else {}
     section.intro = (
         f"Each row compares the maps of the same images under {stage_labels[0]} and {stage_labels[1]}; each "
         "cell is the mean [95% percentile-bootstrap CI] over images. Overlap and correlation metrics are 1 "
@@ -305,10 +309,12 @@ def ranking_section(
     section.intro = (
         "Rank 1 = the architecture whose explanations drift least under that method and metric "
         "(direction-aware). "
-        "A rank reversal is a pair of methods under which two architectures swap order: the conclusion "
-        "'architecture X is more stable' then depends on the CAM method. Panels with reversals are tinted; "
-        "those with a significant paired difference (Wilcoxon, Holm) under either method are drawn as red "
-        f"dashed segments. {n_rev} reversal{'s' * (n_rev != 1)} found."
+        "A rank reversal is a pair of methods under which two architectures swap order on the images "
+        "explained in all four cells: the conclusion 'architecture X is more stable' then depends on the CAM "
+        "method. It is significant when the per-image interaction (Wilcoxon, Holm over every reversal of the "
+        "study) and each method's own one-sided paired test survive. Equivalent methods count once. Panels "
+        "with reversals are tinted; significant ones are drawn as red dashed segments. "
+        f"{n_rev} reversal{'s' * (n_rev != 1)} found."
     )
     section.figures.append(
         draw(
@@ -317,7 +323,7 @@ def ranking_section(
     )
     if n_rev:
         cols = list(reversals.columns)
-        sig = [c for c in cols if c.startswith("significant")]
+        sig = ["significant"] if "significant" in cols else [c for c in cols if c.startswith("significant")]
         rows = []
         listed = (
             reversals.sort_values([c for c in ("metric",) if c in cols]) if "metric" in cols else reversals
@@ -330,7 +336,7 @@ def ranking_section(
                     for c in cols
                 ]
             )
-        caption = "rank reversals (reversals.csv); rows with a significant difference highlighted"
+        caption = "rank reversals (reversals.csv); significant reversals highlighted"
         if n_rev > 200:
             caption += f"; first 200 of {n_rev}"
         section.details.append(
@@ -513,13 +519,23 @@ def overview_section(
                     f"to {fmt(hi['mean'], 2)} ({hi['method']});"
                 )
         section.bullets.append(" ".join(parts).rstrip(";") + ".")
-    if len(archs) > 1 and reversals is not None:
-        sig_cols = [c for c in reversals.columns if c.startswith("significant")]
-        both = int(reversals[sig_cols].astype(bool).all(axis=1).sum()) if sig_cols and len(reversals) else 0
+    size = summary["analysis_size"].dropna() if "analysis_size" in summary.columns else pd.Series(dtype=float)
+    if len(size):
         section.bullets.append(
-            f"{len(reversals)} rank reversal{'s' * (len(reversals) != 1)} between CAM methods "
-            f"({both} with a significant difference under both methods): see Rankings."
+            f"Every architecture's maps are compared on one {int(size.iloc[0])} × {int(size.iloc[0])} grid."
         )
+    reversal_summary = read_csv_or_none(paths.reversals_summary)
+    if len(archs) > 1 and reversal_summary is not None and not reversal_summary.empty:
+        from evidrift.reversals import summary_line
+
+        section.bullets.append(
+            f"{summary_line(reversal_summary)} — between non-equivalent CAM methods, on the images explained "
+            "under all four (architecture, method) cells; see Rankings."
+        )
+    equivalence = read_csv_or_none(paths.root / "equivalence.csv")
+    if equivalence is not None and not equivalence.empty:
+        for text in equivalence_sentences(equivalence):
+            section.bullets.append(text)
     if drift is not None and "degenerate" in drift.columns:
         flagged = int(drift["degenerate"].astype(bool).sum())
         section.bullets.append(
@@ -527,6 +543,41 @@ def overview_section(
             "(their metrics are NaN and left out of the statistics)."
         )
     return section
+
+
+def equivalence_sentences(equivalence: pd.DataFrame) -> list[str]:
+    """One sentence per layer naming the methods that coincide there for every architecture, with the
+    weakest agreement measured (equivalence.csv)."""
+    from evidrift.reversals import equivalence_classes
+
+    classes = equivalence_classes(equivalence)
+    out = []
+    for layer, mapping in classes.items():
+        groups: dict[str, list[str]] = {}
+        for method, head in mapping.items():
+            groups.setdefault(head, []).append(method)
+        merged = [sorted(g) for g in groups.values() if len(g) > 1]
+        where = f"at layer {layer}" if layer else "at the CAM layer"
+        if not merged:
+            out.append(f"No two methods coincide {where}: every method counts in the rankings.")
+            continue
+        part = equivalence[equivalence["layer"].astype(str) == layer]
+        texts = []
+        for group in merged:
+            pairs = part[part["method_a"].isin(group) & part["method_b"].isin(group)]
+            identical = pairs["reason"].astype(str).str.startswith("identical").all()
+            how = (
+                f"identical maps, max |Δ| {pairs['max_abs_diff'].max():.0e}"
+                if identical
+                else f"median Spearman ≥ {fmt(pairs['median_spearman'].min(), 3)}"
+            )
+            texts.append(" ≡ ".join(group) + f" ({how} in every architecture)")
+        out.append(
+            f"Equivalent {where}: {'; '.join(texts)}. They count as one method in rankings, reversals and "
+            "Kendall τ (at a layer that feeds global average pooling and a linear head the CAM gradient is "
+            "constant over space, which makes gradcam ≡ xgradcam ≡ hirescam and gradcam++ ≈ layercam)."
+        )
+    return out
 
 
 def _archs_methods(
@@ -561,20 +612,32 @@ def build_report(
     config = config or load_run_config(paths)
     draw = FigureWriter(paths.figures_dir)
     drift = pd.read_parquet(paths.drift) if paths.drift.is_file() else None
+    several_layers = len(layers_of(drift)) > 1
     if drift is not None:
+        drift = drift_for_display(drift)
         drift = drift.assign(
             arch=drift["arch"].astype(str), method=drift["method"].astype(str), id=drift["id"].astype(str)
         )
     summary = read_csv_or_none(paths.summary)
+    if summary is not None:
+        summary = summary_for_display(summary, several_layers)
     archs, methods = _archs_methods(config, paths, drift)
     stage_map = {1: stage_labels[0], 2: stage_labels[1]}
     reversals = read_csv_or_none(paths.reversals)
+    if reversals is not None:
+        reversals = methods_for_display(reversals, ("method_a", "method_b"), several_layers)
+    rankings = read_csv_or_none(paths.rankings)
+    if rankings is not None:
+        rankings = methods_for_display(rankings, ("method",), several_layers)
+    summary_methods = ordered(summary["method"]) if summary is not None and not summary.empty else methods
     sections = [
         overview_section(paths, summary, reversals, drift, archs, stage_labels),
         dataset_section(paths),
         classification_section(paths, stage_map, draw),
-        drift_summary_section(summary, drift, archs, methods, stage_labels),
-        ranking_section(read_csv_or_none(paths.rankings), reversals, archs, methods, draw),
+        drift_summary_section(summary, drift, archs, summary_methods, stage_labels),
+        ranking_section(
+            rankings, reversals, archs, ordered(rankings["method"]) if rankings is not None else methods, draw
+        ),
         distribution_section(drift, archs, methods, draw),
         overlay_section(
             paths, drift, archs, methods, config.report.examples, config.data.resize, stage_labels, draw
