@@ -87,3 +87,18 @@ def test_eigen_projection_sign_and_rank_one():
     assert first_component_projection(wide, wide.sum(dim=1)).shape == (2, 3, 3)
     assert first_component_projection(tall, tall.sum(dim=1)).shape == (2, 5, 8)
     assert (eigencam(A) >= 0).all()
+
+
+def test_eigengradcam_is_oriented_by_the_gradient() -> None:
+    """eigengradcam's sign follows Σ_k G_k A_k, so −G (the evidence against the class) gives a different map;
+    oriented by Σ_k A_k it was sign-invariant in G and a signed sanity map of it was always 0."""
+    from evidrift.cam.methods import eigengradcam, first_component_projection
+
+    torch.manual_seed(0)
+    A = torch.rand(2, 6, 5, 5)
+    G = torch.randn(2, 6, 5, 5)
+    pos, neg = eigengradcam(A, G), eigengradcam(A, -G)
+    assert not torch.allclose(pos, neg)
+    proj = first_component_projection(G * A, (G * A).sum(dim=1))
+    torch.testing.assert_close(pos, torch.relu(proj))
+    torch.testing.assert_close(neg, torch.relu(-proj))  # the other side of the same component

@@ -103,8 +103,15 @@ def test_parity_with_pytorch_grad_cam(setup, method):
     raw, acts = reference_raw(model, module, REFERENCE[method], x, out.targets.tolist())
     if method.startswith("eigen"):
         # pytorch-grad-cam keeps LAPACK's arbitrary sign; DESIGN § 5 fixes it: positive correlation
-        # with Σ_k A_k
-        ref_sum = acts.sum(axis=1)
+        # with Σ_k A_k (eigencam) or Σ_k G_k A_k (eigengradcam)
+        if method == "eigengradcam":
+            cam = REFERENCE[method](model, [module])
+            cam(x, [ClassifierOutputTarget(t) for t in out.targets.tolist()])
+            grads = cam.activations_and_grads.gradients[0].numpy()
+            cam.activations_and_grads.release()
+            ref_sum = (grads * acts).sum(axis=1)
+        else:
+            ref_sum = acts.sum(axis=1)
         corr = (raw - raw.mean(axis=(1, 2), keepdims=True)) * (
             ref_sum - ref_sum.mean(axis=(1, 2), keepdims=True)
         )

@@ -206,6 +206,52 @@ def test_cam_layers_default_auto_and_errors() -> None:
         models.resolve_cam_layers(tiny, "test_resnet", ["layer9"])
 
 
+@pytest.mark.parametrize(
+    ("arch", "spatial"),
+    [
+        ("densenet201", "features.denseblock4"),
+        ("resnet50v2", "stages.3"),
+        ("inceptionv3", "Mixed_7b"),
+        ("resnet18", "layer4.1.bn2"),
+    ],
+)
+def test_spatial_cam_layer_of_the_paper_architectures(arch: str, spatial: str) -> None:
+    with torch.device("meta"):
+        model = models.build_model(arch, 5)
+    keys = models.cam_layer_keys(model, arch, ["default", "spatial", "default"])
+    assert list(keys.values()) == ["default", "spatial"] and list(keys)[1] == spatial
+    with pytest.raises(ValueError, match="no `spatial` CAM layer is known for vit"):
+        with torch.device("meta"):
+            models.cam_layer_keys(
+                models.build_model("vit_tiny_patch16_224", 5), "vit_tiny_patch16_224", ["spatial"]
+            )
+
+
+def test_methods_coincide_at_the_gap_fed_layer_and_differ_at_the_spatial_one() -> None:
+    """At ``default`` (feeds global average pooling + a linear head) G is constant over space per channel:
+    gradcam ≡ xgradcam to float rounding. At ``spatial`` (before the last BatchNorm + residual + ReLU) the
+    ReLU mask makes G vary over space, and the two maps differ."""
+    from evidrift.cam import CAMEngine
+
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", 3).eval()
+    for module in model.modules():  # timm zero-inits each block's last BatchNorm; a trained net has not
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    layers = models.resolve_cam_layers(model, "resnet18", ["default", "spatial"])
+    x = torch.randn(4, 3, 96, 96)
+    with CAMEngine(model, layers) as engine:
+        out = engine(x, "prediction", methods=["gradcam", "xgradcam"])
+
+    def minmax(m: torch.Tensor) -> torch.Tensor:
+        flat = m.flatten(1)
+        return (flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True))
+
+    at_default = (minmax(out.maps[(layers[0], "gradcam")]) - minmax(out.maps[(layers[0], "xgradcam")])).abs()
+    at_spatial = (minmax(out.maps[(layers[1], "gradcam")]) - minmax(out.maps[(layers[1], "xgradcam")])).abs()
+    assert at_default.max() < 1e-4 and at_spatial.max() > 0.05
+
+
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     model = models.build_model("test_resnet", 3, HeadConfig(type="mlp3", hidden=6, bias=False)).eval()
     meta = {
