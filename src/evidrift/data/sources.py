@@ -277,7 +277,10 @@ def data_fingerprint(data: Any) -> dict[str, str]:
     except ManifestError:
         return entries
     base = path.parent
-    for cells in table.drop(columns="where").to_dict("records"):
+    for row in table.drop(columns="where").to_dict("records"):
+        cells = {
+            column: value for column, value in row.items() if value != ""
+        }  # a new empty column: same row
         key = f"row:{cells.get('path', '')}"
         files = [cells.get("path", ""), cells.get("mask", "")]
         stats = [_stat(_resolve(base, f)) if f else "" for f in files]
@@ -303,9 +306,10 @@ def fingerprint_changes(before: dict[str, str], after: dict[str, str]) -> str:
     modified = sorted(k for k in set(before) & set(after) if before[k] != after[k])
     parts = []
     for what, names in (("added", added), ("removed", removed), ("modified", modified)):
-        shown = [n.removeprefix("row:") for n in names if n != "csv"][:3]
-        extra = f" ({', '.join(shown)}{', ...' if len(names) > len(shown) else ''})" if shown else ""
-        parts.append(f"{len([n for n in names if n != 'csv'])} {what}{extra}")
+        files = [n.removeprefix("row:") for n in names if n != "csv"]
+        shown = files[:3]
+        extra = f" ({', '.join(shown)}{', ...' if len(files) > len(shown) else ''})" if shown else ""
+        parts.append(f"{len(files)} {what}{extra}")
     text = ", ".join(parts)
     if "csv" in modified and not (added or removed or len(modified) > 1):
         text += "; the CSV's bytes changed (formatting or column order)"
