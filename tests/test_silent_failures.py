@@ -533,3 +533,35 @@ def test_compare_messages(tmp_path: Path) -> None:
     result = runner.invoke(app, ["compare", str(plain), str(plain), "--data", str(data),
                                  "--fail-below", "topk_iou@0.2=high"])  # fmt: skip
     assert result.exit_code == 2 and "the value 'high' is not a number" in " ".join(result.stderr.split())
+
+
+def test_compare_uses_csv_boxes_and_names_its_images_right(tiny_phantom_set: Path, tmp_path: Path) -> None:
+    from evidrift.config import HeadConfig
+    from evidrift.data.phantom import CLASSES
+    from evidrift.models import build_model, default_cam_layers, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(CLASSES), HeadConfig(), "none").eval()
+    meta = {"arch": "resnet18", "key": "resnet18", "head": HeadConfig().model_dump(mode="json"),
+            "classes": list(CLASSES), "stage": 2, "epoch": 0, "metrics": {}, "config_hash": "t",
+            "image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "loss": "ce",
+            "weights": "none", "cam_layers": default_cam_layers(model, "resnet18")}  # fmt: skip
+    checkpoint = save_checkpoint(tmp_path / "a.safetensors", model, meta)
+    phantoms = pd.read_csv(tiny_phantom_set)
+    csv = tmp_path / "boxes.csv"  # boxes only (none on normal images), no mask column
+    pd.DataFrame(
+        {"path": [str(tiny_phantom_set.parent / p) for p in phantoms["path"]], "label": phantoms["label"],
+         **{c: phantoms[c].astype("Int64") for c in ("x0", "y0", "x1", "y1")}}
+    ).to_csv(csv, index=False)  # fmt: skip
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(checkpoint), str(checkpoint), "--data", str(csv), "--out",
+                                 str(out), "--methods", "gradcam", "--max-images", "8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "A → B on 8 images" in text and "classification of every usable image of --data" in text
+    assert "test-split" not in text
+    summary = pd.read_csv(out / "localization_summary.csv")
+    local = pd.read_parquet(out / "localization.parquet")
+    assert len(local) > 0 and local["box_derived"].all() and local["box_iou@0.5"].notna().all()
+    assert "box_iou@0.5" in set(summary["metric"]) and (summary["box_derived"] == len(local) // 2).all()
+    assert "lesion boxes available" in (out / "report.html").read_text(encoding="utf-8")

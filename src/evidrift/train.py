@@ -304,14 +304,16 @@ def _divergence_message(
     tries.append(
         f"or, if this growth is expected, a larger {key}.divergence_factor (null turns the check off)"
     )
+    folder = files.final.parent
     kept = (
-        f"the weights of the last good epoch are kept ({files.best.name}, resume state {files.last.name})"
+        f"the last good epoch's weights are kept in {folder} ({files.best.name}, resume state "
+        f"{files.last.name})"
         if epoch > 0
-        else "no epoch of this stage finished before it"
+        else f"nothing of it was written; the checkpoints it started from in {folder} are kept"
     )
     return (
-        f"{label} diverged at epoch {epoch + 1}: {why}; the stage was stopped ({kept} in "
-        f"{files.final.parent}). Try {', '.join(tries)}, then rerun."
+        f"{label} diverged at epoch {epoch + 1}: {why}. The stage was stopped: {kept}. "
+        f"Try {', '.join(tries)}, then rerun."
     )
 
 
