@@ -195,8 +195,8 @@ def evaluate_study(
 ) -> pd.DataFrame:
     """Predict the test split with the stage-1 and stage-2 checkpoints of each model (or only ``arch``);
     writes ``eval/{arch}.parquet``, ``eval/classification.csv`` and ``eval/accuracy_change.csv`` (the
-    paired stage 1 → stage 2 change per model, ``accuracy_change``), prints both; returns the classification
-    table."""
+    paired stage 1 → stage 2 change per model, ``accuracy_change``), prints both (the table under ``title``);
+    returns the classification table."""
     from rich.console import Console
     from rich.table import Table
 
