@@ -46,15 +46,28 @@ def main(
 
 # --- validate (config)
 @app.command()
-def validate(study: Annotated[Path, typer.Argument(help="study.yaml to check")]) -> None:
-    """Validate a study file and print the resolved config (every default filled in) with its hash."""
+def validate(
+    study: Annotated[Path, typer.Argument(help="study.yaml to check")],
+    data: Annotated[
+        bool, typer.Option("--data", help="also read and check the data (the data step's checks, no writes)")
+    ] = False,
+) -> None:
+    """Validate a study file and print the resolved config (every default filled in) with its hash.
+
+    Checks everything that can be checked without training: keys and values, method and metric names,
+    architectures (timm's registry), CAM layers (the model built on the meta device), weights files, data
+    paths; with --data, every image, mask, box and split. What was checked is printed on stderr."""
     from evidrift.config import ConfigError, dump_yaml, load_config
+    from evidrift.study import check_study
 
     try:
         config = load_config(study)
+        checked = check_study(config, str(study), data=data)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     console.print(dump_yaml(config), highlight=False, markup=False)
+    for line in checked:
+        err_console.print(f"checked: {line}", highlight=False, markup=False)
 
 
 # --- phantoms (data)
@@ -113,7 +126,7 @@ def train(
     from evidrift import distributed
     from evidrift.artifacts import RunPaths
     from evidrift.config import ConfigError, load_config
-    from evidrift.train import STAGES, train_study
+    from evidrift.train import STAGES, TrainingDivergedError, train_study
 
     stages = STAGES if stage == "all" else (stage,)
     if any(s not in STAGES for s in stages):
@@ -126,7 +139,7 @@ def train(
             done = train_study(config, RunPaths.at(config.output.dir), arch, stages, progress, ctx=ctx)
         finally:
             distributed.cleanup(ctx)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingDivergedError) as exc:
         raise fail(str(exc)) from None
     if ctx.is_main:
         for key, checkpoints in done.items():
@@ -343,7 +356,8 @@ def run(
         typer.Option(
             "--force",
             help="redo this step and every step after it (repeatable): data, stage0, "
-            "stage1, stage2, evaluate, explain, drift, report",
+            "stage1, stage2, evaluate, explain, drift, report; all: every step, and replace another study "
+            "held by the run directory",
         ),
     ] = None,
     until: Annotated[str | None, typer.Option("--until", help="stop after this step")] = None,
@@ -395,12 +409,15 @@ def _thresholds(items: list[str] | None, option: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for item in items or []:
         name, sep, number = item.partition("=")
+        if not sep or not name.strip():
+            raise fail(f"{option} {item!r}: write METRIC=VALUE, e.g. {option} topk_iou@0.2=0.5")
         try:
-            if not sep:
-                raise ValueError
             values[name.strip()] = float(number)
         except ValueError:
-            raise fail(f"{option} {item!r}: write METRIC=VALUE, e.g. {option} topk_iou@0.2=0.5") from None
+            raise fail(
+                f"{option} {item!r}: the value {number.strip()!r} is not a number; write METRIC=VALUE with a "
+                f"number, e.g. {option} {name.strip()}=0.5"
+            ) from None
     return values
 
 

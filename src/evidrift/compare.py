@@ -43,8 +43,16 @@ class CompareResult:
 # --- checks -------------------------------------------------------------------------------------------------
 def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The sidecar of a checkpoint (verified against its weights); CompareError naming the file otherwise."""
-    from evidrift.models import read_checkpoint_meta
+    from evidrift.models import read_checkpoint_meta, sidecar_path
 
+    file = Path(path)
+    if file.is_file() and (file.suffix != ".safetensors" or not sidecar_path(file).is_file()):
+        raise CompareError(
+            f"{file} is not an evidrift checkpoint: compare needs a .safetensors file with the .json sidecar "
+            "that evidrift writes beside it (architecture, classes, input size, normalization); train it "
+            "with evidrift (`evidrift run` / `evidrift train`), or rebuild the model and save it with "
+            "`evidrift.models.save_checkpoint(path, model, meta)`"
+        )
     try:
         return read_checkpoint_meta(path)
     except (FileNotFoundError, ValueError) as exc:
@@ -223,15 +231,18 @@ def compare_checkpoints(
             shutil.rmtree(paths.root / stale)
     paths.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths.config, dump_yaml(config))
-    prepare_data(config, paths)
+    prepare_data(config, paths, input_size=int(meta_a["image_size"]))
     n_images = _select_images(paths, split)
+    if max_images is not None:
+        n_images = min(n_images, max_images)
     key = config.models[0].key
     for stage, checkpoint in (("1", a), ("2", b)):
         target = paths.checkpoint(key, stage)
         _link(checkpoint, target)
         _link(checkpoint.with_suffix(".json"), target.with_suffix(".json"))
     ctx = distributed.setup(config.train.device)
-    evaluate_study(config, paths, ctx=ctx)
+    scope = "every usable image" if split == "all" else f"the {split} split"
+    evaluate_study(config, paths, ctx=ctx, title=f"classification of {scope} of --data")
     for stage in (1, 2):
         explain_run(config, paths, key, stage, ctx=ctx, progress=False)
     settings = drift_settings(config)

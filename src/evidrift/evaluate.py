@@ -187,12 +187,16 @@ def _write_per_arch_csv(path: Path, table: pd.DataFrame, arch: str | None) -> pd
 
 
 def evaluate_study(
-    config: StudyConfig, paths: RunPaths, arch: str | None = None, ctx: Context | None = None
+    config: StudyConfig,
+    paths: RunPaths,
+    arch: str | None = None,
+    ctx: Context | None = None,
+    title: str = "test-split classification",
 ) -> pd.DataFrame:
     """Predict the test split with the stage-1 and stage-2 checkpoints of each model (or only ``arch``);
     writes ``eval/{arch}.parquet``, ``eval/classification.csv`` and ``eval/accuracy_change.csv`` (the
-    paired stage 1 → stage 2 change per model, ``accuracy_change``), prints both; returns the classification
-    table."""
+    paired stage 1 → stage 2 change per model, ``accuracy_change``), prints both (the table under ``title``);
+    returns the classification table."""
     from rich.console import Console
     from rich.table import Table
 
@@ -241,7 +245,7 @@ def evaluate_study(
         change_table = _write_per_arch_csv(
             paths.eval_table("accuracy_change").with_suffix(".csv"), pd.DataFrame(changes), arch
         )
-        rich_table = Table(title=f"test-split classification ({len(test)} images, 95% bootstrap CI)")
+        rich_table = Table(title=f"{title} ({len(test)} images, 95% bootstrap CI)")
         for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC"):
             rich_table.add_column(column, justify="left" if column == "arch" else "right")
         for _, row in summary.iterrows():

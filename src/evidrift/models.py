@@ -668,3 +668,24 @@ def load_checkpoint(
     state = load_file(str(path))
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), meta
+
+
+# --- checks without training (`evidrift validate`) ----------------------------------------------------------
+def check_model(
+    arch: str, cam_layers: list[str] | tuple[str, ...], weights: str, head: HeadConfig | None = None
+) -> list[str]:
+    """Check one model of a study without training or allocating it: ``arch`` in timm's registry
+    (``resolve_arch``), the model built on the meta device with ``head``, its ``cam_layers`` resolved
+    (``resolve_cam_layers``) and a local ``weights`` file read and matched key by key against the backbone
+    (``load_backbone_weights``; ``none`` and ``imagenet`` are not read). Returns the resolved CAM layers.
+    Raises ValueError (unknown arch, unknown layer) or WeightsError naming the value and the fix."""
+    import warnings
+
+    with torch.device("meta"):
+        model = build_model(arch, 2, head, "none")
+    layers = resolve_cam_layers(model, arch, list(cam_layers))
+    if weights not in ("none", "imagenet"):
+        with warnings.catch_warnings():  # copying into meta tensors is a no-op, which is all a check needs
+            warnings.simplefilter("ignore", UserWarning)
+            load_backbone_weights(model, weights)
+    return layers

@@ -13,7 +13,15 @@ drift and report and never training). A step runs in three moves:
 
 A step whose marker holds the current hash is skipped. When the hash of a partly or fully done step has
 changed, outputs that cannot be reused are removed first (maps of another model or method set), and
-training relies on the checkpoints' own stage hashes. ``force`` removes the outputs and markers of a step
+training relies on the checkpoints' own stage hashes. The data step's hash includes a fingerprint of the
+files it read (``evidrift.data.sources.data_fingerprint``): when it changed, the run says what changed
+(files added, removed, modified) and redoes the data step and every step after it.
+
+Before any work ``check_study`` checks what can be checked without training (method and metric names,
+architectures, CAM layers, weights files, data paths; ``evidrift validate`` runs it too), every path the run
+will write for a model is checked to lie inside the run directory, and a run directory holding another
+study (``study_identity``: the data source and path, the models' names, architectures and weights) is
+refused unless ``--force all``. ``force`` removes the outputs and markers of a step
 and of every step after it, so they are redone. Under ``torchrun`` every rank runs the training, evaluation
 and explaining (each does its share); rank 0 alone writes the data, drift, report and the markers, and
 every step ends at a barrier.
@@ -31,10 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import yaml
 
 from evidrift import distributed
 from evidrift.artifacts import RunPaths, config_hash, write_json_atomic, write_text_atomic
-from evidrift.config import StudyConfig, dump_yaml, study_hash
+from evidrift.config import ConfigError, StudyConfig, dump_yaml, resolved_dict, study_hash
 from evidrift.distributed import Context
 
 if TYPE_CHECKING:
@@ -68,10 +77,14 @@ def _stage_hashes(config: StudyConfig, stage: str) -> dict[str, str]:
     return {m.key: stage_hash(config, m, stage) for m in config.models if stage != "0" or uses_stage0(m)}
 
 
-def step_inputs(config: StudyConfig, step: str) -> dict[str, Any]:
-    """The config parts one step depends on (JSON-able), without the hashes of the steps it reads from."""
+def step_inputs(config: StudyConfig, step: str, fingerprint: dict[str, str] | None = None) -> dict[str, Any]:
+    """The config parts one step depends on (JSON-able), without the hashes of the steps it reads from. The
+    data step's include the digest of ``fingerprint`` (computed from ``config.data`` when None)."""
     if step == "data":
-        return {"data": config.data.model_dump(mode="json")}
+        from evidrift.data.sources import data_fingerprint, fingerprint_digest
+
+        entries = data_fingerprint(config.data) if fingerprint is None else fingerprint
+        return {"data": config.data.model_dump(mode="json"), "files": fingerprint_digest(entries)}
     if step in ("stage0", "stage1", "stage2"):
         return {"stage_hashes": _stage_hashes(config, step[-1])}
     if step == "evaluate":
@@ -93,12 +106,14 @@ def step_inputs(config: StudyConfig, step: str) -> dict[str, Any]:
     raise ValueError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
 
 
-def step_hashes(config: StudyConfig) -> dict[str, str]:
-    """The hash of every step: its own inputs plus the hashes of the steps it depends on."""
+def step_hashes(config: StudyConfig, fingerprint: dict[str, str] | None = None) -> dict[str, str]:
+    """The hash of every step: its own inputs plus the hashes of the steps it depends on (``fingerprint``:
+    the data's, when already computed)."""
     hashes: dict[str, str] = {}
     for step in STEPS:
         upstream = {d: hashes[d] for d in DEPENDS[step]}
-        hashes[step] = config_hash({"step": step, "inputs": step_inputs(config, step), "upstream": upstream})
+        inputs = step_inputs(config, step, fingerprint)
+        hashes[step] = config_hash({"step": step, "inputs": inputs, "upstream": upstream})
     return hashes
 
 
@@ -186,11 +201,171 @@ def check_names(config: StudyConfig) -> None:
                 raise ValueError(f"drift.metrics: {exc}") from None
 
 
+def check_study(config: StudyConfig, source: str = "the study", data: bool = False) -> list[str]:
+    """Check everything that can be checked without training; returns one line per thing checked.
+
+    Method and metric names (``check_names``); per model its architecture (timm's registry), its CAM layers
+    (the model built on the meta device) and a local weights file (read, keys and shapes matched); the data
+    path; with ``data``, the data itself (the data step's checks, nothing written). Raises ``ConfigError``
+    naming ``source``, the key, the value and the fix."""
+    from evidrift import models
+
+    try:
+        check_names(config)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    lines = [f"explain.methods: {', '.join(config.explain.methods)}"]
+    for i, model in enumerate(config.models):
+        where = f"models[{i}] ({model.key})"
+        try:
+            layers = models.check_model(model.arch, model.cam_layers, model.weights, model.head)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {where}: {exc}") from None
+        lines.append(
+            f"{where}: arch {models.resolve_arch(model.arch)}, CAM layers {layers}, weights {model.weights}"
+        )
+    path = config.data.path
+    if config.data.source == "folder" and path is not None and not path.is_dir():
+        raise ConfigError(
+            f"{source}: data.path {path} is not a folder (data.source: folder needs one sub-folder per "
+            "class); fix the path"
+        )
+    if config.data.source == "csv" and path is not None and not path.is_file():
+        raise ConfigError(
+            f"{source}: data.path {path} is not a file (data.source: csv needs the CSV manifest); "
+            "fix the path"
+        )
+    if config.data.source != "phantom":
+        lines.append(f"data.path: {path} exists")
+    if data:
+        lines.append(_check_data(config, source))
+    return lines
+
+
+def _check_data(config: StudyConfig, source: str) -> str:
+    """The data step's checks without writing (``check_study(data=True)``); one line of counts."""
+    from evidrift.data.sources import ManifestError, collect_data, summarize
+
+    if config.data.source == "phantom":
+        return "data: the phantom set is generated by the data step (nothing to read before it)"
+    try:
+        prepared = collect_data(config, None, _input_size(config))
+    except ManifestError as exc:
+        raise ConfigError(f"{source}: data: {exc}") from None
+    counts = summarize(prepared.frame)
+    splits = ", ".join(f"{n} {split}" for split, n in counts["per_split"].items())
+    return (
+        f"data: {counts['n']} images ({splits}), {counts['skipped']} unreadable and skipped, "
+        f"{len(prepared.ignored)} files ignored, {len(prepared.warnings)} warnings; "
+        f"classes {prepared.classes}"
+    )
+
+
+def _input_size(config: StudyConfig) -> int:
+    """The largest input side of the study's models at stage 1 and 2 (for the data step's warnings)."""
+    from evidrift.train import image_size_for, stage_config
+
+    return max(image_size_for(m, stage_config(config, s)) for m in config.models for s in ("1", "2"))
+
+
+def check_paths_inside(config: StudyConfig, paths: RunPaths) -> None:
+    """Raise ``StudyError`` when a path the run writes for a model (its folder, checkpoints, evaluation table,
+    maps) would lie outside the run directory."""
+    root = paths.root.resolve()
+    for model in config.models:
+        key = model.key
+        targets = [
+            paths.model_dir(key),
+            paths.checkpoint(key, 2),
+            paths.train_metrics(key),
+            paths.eval_table(key),
+            *(
+                paths.maps_shard(key, stage, method, 0)
+                for stage in (1, 2)
+                for method in config.explain.methods
+            ),
+        ]
+        for target in targets:
+            if not target.resolve().is_relative_to(root):
+                raise StudyError(
+                    f"model {key!r} would write {target} outside the run directory {root}; give it a `name` "
+                    "of letters, digits, '-', '_' and '.'"
+                )
+
+
+def study_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run directory one study's (from a resolved config or a run's config.yaml): the data
+    source and path (the phantom set's parameters), and each model's name, architecture and weights."""
+    data = resolved.get("data") or {}
+    identity: dict[str, Any] = {"source": data.get("source", "phantom"), "path": data.get("path")}
+    if identity["source"] == "phantom":
+        phantom = data.get("phantom") or {}
+        identity["phantom"] = {k: phantom.get(k) for k in ("n", "size", "seed", "shortcut_marker")}
+    models = sorted(
+        (str(m.get("name") or m.get("arch")), str(m.get("arch")), str(m.get("weights", "none")))
+        for m in resolved.get("models") or []
+        if isinstance(m, dict)
+    )
+    return {"data": identity, "models": [list(m) for m in models]}
+
+
+def check_same_study(config: StudyConfig, paths: RunPaths, replace: bool) -> bool:
+    """Refuse (``StudyError``) a run directory whose config.yaml belongs to another study (its
+    ``study_identity`` differs), unless ``replace`` (``--force all``). Returns True when it belongs to
+    another study and is to be replaced."""
+    if not paths.config.is_file():
+        return False
+    try:
+        stored = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        stored = None
+    before = study_identity(stored) if isinstance(stored, dict) else None
+    after = study_identity(resolved_dict(config))
+    if before == after:
+        return False
+    if replace:
+        return True
+    if before is None:
+        what = f"{paths.config} cannot be read"
+    else:
+        differences = [
+            f"data.{name}: {before['data'].get(name)} there, {after['data'].get(name)} here"
+            for name in sorted(set(before["data"]) | set(after["data"]))
+            if before["data"].get(name) != after["data"].get(name)
+        ]
+        if before["models"] != after["models"]:
+            differences.append(
+                "models (name, arch, weights): "
+                f"{[tuple(m) for m in before['models']]} there, {[tuple(m) for m in after['models']]} here"
+            )
+        what = "; ".join(differences)
+    raise StudyError(
+        f"the run directory {paths.root} holds another study ({what}); running this one into it would mix "
+        "the two. Choose a new run directory (--out DIR or output.dir), or replace that study with "
+        "--force all"
+    )
+
+
 def force_steps(step: str) -> list[str]:
-    """``step`` and every step after it (what ``--force STEP`` redoes)."""
+    """``step`` and every step after it (what ``--force STEP`` redoes); ``all``: every step."""
+    if step == "all":
+        return list(STEPS)
     if step not in STEPS:
-        raise ValueError(f"--force {step!r}: unknown step; choose one of {', '.join(STEPS)}")
+        raise ValueError(f"--force {step!r}: unknown step; choose one of {', '.join(STEPS)} (or all)")
     return list(STEPS[STEPS.index(step) :])
+
+
+def _data_change(config: StudyConfig, paths: RunPaths, fingerprint: dict[str, str]) -> str:
+    """What changed in the data step's inputs since it last ran here (one phrase)."""
+    from evidrift.data.sources import fingerprint_changes, read_fingerprint
+
+    before = read_fingerprint(paths)
+    if before is None:
+        return "the data step's inputs changed since it ran"
+    changes = fingerprint_changes(before, fingerprint)
+    if changes:
+        return f"the data changed since the data step ran ({config.data.path}: {changes})"
+    return "the data settings changed since the data step ran"
 
 
 # --- the steps ----------------------------------------------------------------------------------------------
@@ -198,7 +373,7 @@ def run_data(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
     from evidrift.data.sources import prepare_data
 
     if ctx.is_main:
-        prepare_data(config, paths)
+        prepare_data(config, paths, input_size=_input_size(config))
 
 
 def _run_stage(stage: str) -> Callable[[StudyConfig, RunPaths, Context], None]:
@@ -252,27 +427,60 @@ def run_drift(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
 
 
 LOCALIZATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou@0.2", "pixel_auroc", "cnr")
+#: Box IoU threshold on the min-max normalized map (``box_iou@t``), for the images with CSV boxes.
+BOX_IOU_THRESHOLD = 0.5
+BOX_METRIC = f"box_iou@{BOX_IOU_THRESHOLD:g}"
 
 
-def _masks_at(frame: pd.DataFrame, size: int, resize: str) -> dict[str, Any]:
-    """{image id: bool mask [size, size]} with the model input's pad/crop geometry, for non-empty masks."""
+@dataclass
+class GroundTruth:
+    """The ground truth of one test image at the analysis size: ``mask`` bool [S, S] (the lesion mask, else
+    the boxes rasterised: ``box_derived``), ``boxes`` bool [S, S] (the union of the CSV boxes) or None."""
+
+    mask: Any
+    boxes: Any
+    box_derived: bool
+
+
+def _ground_truth_at(frame: pd.DataFrame, size: int, resize: str) -> dict[str, GroundTruth]:
+    """{image id: GroundTruth} with the model input's pad/crop geometry, for images whose mask (or boxes)
+    is non-empty. Boxes are pixel corners of the original image (``manifest.bbox``)."""
     import torch
 
-    from evidrift.data.readers import read_mask
+    from evidrift.data.readers import image_size, read_mask
     from evidrift.data.transforms import resize_image
+    from evidrift.metrics.localization import boxes_to_mask
+
+    def at_size(mask: Any) -> Any:
+        tensor = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+        return resize_image(tensor, size, resize, is_mask=True)[0, 0] > 0.5
 
     out = {}
     for row in frame.itertuples():
-        mask = torch.as_tensor(read_mask(row.mask_path), dtype=torch.float32)[None, None]
-        resized = resize_image(mask, size, resize, is_mask=True)[0, 0] > 0.5
-        if resized.any():
-            out[str(row.id)] = resized
+        mask_path = getattr(row, "mask_path", None)
+        box_text = getattr(row, "bbox", None)
+        boxes = None
+        if isinstance(box_text, str) and box_text:
+            height, width = image_size(row.path)
+            boxes = at_size(boxes_to_mask([json.loads(box_text)], (height, width))[0])
+        if isinstance(mask_path, str) and mask_path:
+            mask, derived = at_size(read_mask(mask_path)), False
+        elif boxes is not None:
+            mask, derived = boxes, True
+        else:
+            continue
+        if mask.any():
+            out[str(row.id)] = GroundTruth(
+                mask, boxes if boxes is not None and boxes.any() else None, derived
+            )
     return out
 
 
 def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> pd.DataFrame | None:
-    """Maps of both stages vs the lesion masks: one row per (id, arch, stage, method), a column per
-    ``LOCALIZATION_METRICS`` (at the drift analysis size); None when the data has no masks."""
+    """Maps of both stages vs the lesion masks, or masks rasterised from the CSV's boxes when an image has
+    no mask (column ``box_derived``): one row per (id, arch, stage, method), a column per
+    ``LOCALIZATION_METRICS`` and ``box_iou@0.5`` (NaN without boxes), at the drift analysis size; None when
+    the data has neither masks nor boxes."""
     import torch
 
     from evidrift.analysis import drift_jobs, stored_archs, study_analysis_size
@@ -281,26 +489,27 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
     from evidrift.metrics.common import AnalysisMaps
 
     manifest = pd.read_parquet(paths.manifest)
-    if "mask_path" not in manifest.columns:
+    has_mask = manifest["mask_path"].notna() if "mask_path" in manifest.columns else False
+    has_box = manifest["bbox"].notna() if "bbox" in manifest.columns else False
+    with_truth = manifest[(has_mask | has_box) & (manifest["status"] == "ok")]
+    if with_truth.empty:
         return None
-    with_masks = manifest[manifest["mask_path"].notna() & (manifest["status"] == "ok")]
-    if with_masks.empty:
-        return None
-    with_masks = with_masks[with_masks["split"] == "test"]
+    with_truth = with_truth[with_truth["split"] == "test"]
     rows = []
-    masks_by_size: dict[int, dict[str, Any]] = {}
+    truth_by_size: dict[int, dict[str, GroundTruth]] = {}
     size = study_analysis_size(paths, drift_jobs(paths), settings)  # the drift step's one grid
     for arch in stored_archs(paths):
         for stage in (1, 2):
             for method in stored_methods(paths, arch, stage):
                 maps, ids, _ = read_maps(paths, arch, stage, method)
-                if size not in masks_by_size:
-                    masks_by_size[size] = _masks_at(with_masks, size, config.data.resize)
-                masks = masks_by_size[size]
-                keep = [i for i, image_id in enumerate(ids) if image_id in masks]
+                if size not in truth_by_size:
+                    truth_by_size[size] = _ground_truth_at(with_truth, size, config.data.resize)
+                truth = truth_by_size[size]
+                keep = [i for i, image_id in enumerate(ids) if image_id in truth]
                 if not keep:
                     continue
-                gt = torch.stack([masks[ids[i]] for i in keep])
+                found = [truth[ids[i]] for i in keep]
+                gt = torch.stack([t.mask for t in found])
                 prepared = AnalysisMaps(maps[keep], size)
                 values = {
                     "pointing_game": loc.pointing_game(prepared, gt),
@@ -309,6 +518,14 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
                     "pixel_auroc": loc.pixel_auroc(prepared, gt),
                     "cnr": loc.cnr(prepared, gt),
                 }
+                with_boxes = [j for j, t in enumerate(found) if t.boxes is not None]
+                box_iou = torch.full((len(keep),), float("nan"), dtype=torch.float64)
+                if with_boxes:
+                    boxes = torch.stack([found[j].boxes for j in with_boxes])
+                    box_iou[with_boxes] = loc.box_iou(
+                        AnalysisMaps(maps[[keep[j] for j in with_boxes]], size), boxes, t=BOX_IOU_THRESHOLD
+                    )
+                values[BOX_METRIC] = box_iou
                 for j, i in enumerate(keep):
                     rows.append(
                         {
@@ -316,6 +533,7 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
                             "arch": arch,
                             "stage": stage,
                             "method": method,
+                            "box_derived": found[j].box_derived,
                             **{name: float(v[j]) for name, v in values.items()},
                         }
                     )
@@ -324,7 +542,8 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
 
 def write_localization(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> None:
     """``localization.parquet`` and ``localization_summary.csv`` (mean, bootstrap CI per arch × stage × method
-    × metric) when the data has lesion masks; nothing otherwise."""
+    × metric; ``box_derived``: how many of the images' masks were rasterised from boxes) when the data has
+    lesion masks or boxes; nothing otherwise."""
     from evidrift import stats
     from evidrift.artifacts import write_csv_atomic, write_parquet_atomic
 
@@ -333,11 +552,13 @@ def write_localization(config: StudyConfig, paths: RunPaths, settings: DriftSett
         return
     write_parquet_atomic(paths.root / "localization.parquet", table)
     parts = []
+    metrics = [*LOCALIZATION_METRICS, *([BOX_METRIC] if table[BOX_METRIC].notna().any() else [])]
     for stage, group in table.groupby("stage", sort=True):
-        summary = stats.summarize(
-            group, list(LOCALIZATION_METRICS), n_boot=settings.n_boot, ci=settings.ci, seed=settings.seed
-        )
+        summary = stats.summarize(group, metrics, n_boot=settings.n_boot, ci=settings.ci, seed=settings.seed)
         summary.insert(2, "stage", int(stage))
+        derived = group.groupby(["arch", "method"])["box_derived"].sum()
+        pairs = zip(summary["arch"], summary["method"], strict=True)
+        summary["box_derived"] = [int(derived[(arch, method)]) for arch, method in pairs]
         parts.append(summary)
     write_csv_atomic(paths.root / "localization_summary.csv", pd.concat(parts, ignore_index=True))
 
@@ -393,16 +614,29 @@ def run_study(
     say = echo if (echo is not None and ctx.is_main) else (lambda _line: None)
     if until is not None and until not in STEPS:
         raise ValueError(f"--until {until!r}: unknown step; choose one of {', '.join(STEPS)}")
-    check_names(config)
+    check_study(config)
+    check_paths_inside(config, paths)
     redo: set[str] = set()
     for step in force:
         redo.update(force_steps(step))
-    hashes = step_hashes(config)
+    replacing = check_same_study(config, paths, replace=redo == set(STEPS))
+    from evidrift.data.sources import data_fingerprint
+
+    fingerprint = data_fingerprint(config.data)
+    hashes = step_hashes(config, fingerprint)
     if ctx.is_main:
+        if replacing:
+            say(f"[all] {paths.root} held another study: replacing it (--force all)")
+            _remove(paths.root / "models")
         paths.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(paths.config, dump_yaml(config))
         for step in STEPS:
             if step in redo:
+                clear_outputs(config, paths, step)
+        previous = _previous_hash(paths, "data")
+        if previous is not None and previous != hashes["data"]:
+            say(f"[data] {_data_change(config, paths, fingerprint)}: redoing data and every step after it")
+            for step in STEPS[1:]:
                 clear_outputs(config, paths, step)
     distributed.barrier(ctx)
     results: list[StepResult] = []

@@ -15,6 +15,12 @@ Every epoch is a function of (stage seed, epoch): the data order (DistributedSam
 (``dataset.set_epoch``) and the RNG state saved with the weights. So a run killed at any moment and restarted
 with the same command resumes from the last completed epoch and ends with the same weights (bit-identical on
 CPU) as an uninterrupted run.
+
+Divergence guard: an epoch whose train or validation loss is non-finite, or above
+``divergence_factor`` × the first epoch's (the first epoch of stage 2: × stage 1's best-epoch losses)
+stops the stage with ``TrainingDivergedError`` naming the stage, the epoch, the loss and the settings to
+try; that epoch is logged to ``metrics.jsonl`` but neither its weights nor its resume state are written, so
+the best weights and the resume state of the last good epoch are kept.
 """
 
 from __future__ import annotations
@@ -58,11 +64,16 @@ from evidrift.evaluate import (
     probabilities,
 )
 
-__all__ = ["evaluate_study", "fit", "train_stage", "train_study"]
+__all__ = ["TrainingDivergedError", "evaluate_study", "fit", "train_stage", "train_study"]
 
 logger = logging.getLogger("evidrift.train")
 STAGES = ("0", "1", "2")
 OnStep = Callable[[str, int], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """A training stage whose loss became non-finite or exploded; the message names the stage, the epoch, the
+    loss and the settings to try."""
 
 
 # --- pure pieces --------------------------------------------------------------------------------------------
@@ -170,6 +181,8 @@ class TrainState:
     bad_epochs: int = 0
     stopped: bool = False
     best_metrics: dict[str, Any] = field(default_factory=dict)
+    first_train_loss: float | None = None
+    first_val_loss: float | None = None
 
 
 @dataclass
@@ -241,6 +254,69 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: StageConfig) -> torch.op
 
 
 # --- the epoch loop -----------------------------------------------------------------------------------------
+def divergence(
+    record: dict[str, Any],
+    state: TrainState,
+    factor: float | None,
+    start: dict[str, Any] | None = None,
+) -> str | None:
+    """Why the epoch of ``record`` diverged, or None: a non-finite ``train_loss`` / ``val_loss`` (an empty
+    validation split's NaN is not one), or, with ``factor``, a loss above ``factor`` × its first-epoch value
+    in ``state``; the first epoch itself is compared with ``start`` (the ``train_loss`` / ``val_loss`` of the
+    checkpoint the stage started from, when known: stage 1's for stage 2)."""
+    train_loss, val_loss = float(record["train_loss"]), float(record["val_loss"])
+    has_val = not (math.isnan(val_loss) and not record.get("val_auroc"))
+    if not math.isfinite(train_loss):
+        return f"train_loss is {train_loss}"
+    if has_val and not math.isfinite(val_loss):
+        return f"val_loss is {val_loss}"
+    if factor is None:
+        return None
+    first = state.first_train_loss is None
+    references = {
+        "train_loss": (start or {}).get("train_loss") if first else state.first_train_loss,
+        "val_loss": (start or {}).get("val_loss") if first else state.first_val_loss,
+    }
+    whose = "the starting checkpoint's" if first else "the first epoch's"
+    for name, value in (("train_loss", train_loss), ("val_loss", val_loss if has_val else math.nan)):
+        reference = references[name]
+        if isinstance(reference, int | float) and math.isfinite(reference) and reference > 0:
+            if value > factor * reference:
+                return (
+                    f"{name} {value:.4g} is {value / reference:.1f}x {whose} {reference:.4g} "
+                    f"(divergence_factor {factor:g})"
+                )
+    return None
+
+
+def _divergence_message(
+    label: str, stage: str, epoch: int, why: str, cfg: StageConfig, files: StageFiles
+) -> str:
+    key = f"train.stage{stage}" if stage else "the stage's settings"
+    tries = [f"a lower {key}.lr (now {cfg.lr:g}; try {cfg.lr / 10:g})"]
+    if stage == "2" and not cfg.freeze_batchnorm:
+        tries.append(f"{key}.freeze_batchnorm: true (BatchNorm keeps stage 1's statistics)")
+    tries.append(
+        f"{key}.grad_clip: 1.0"
+        if cfg.grad_clip is None or cfg.grad_clip > 1.0
+        else f"a longer {key}.warmup_epochs"
+    )
+    tries.append(
+        f"or, if this growth is expected, a larger {key}.divergence_factor (null turns the check off)"
+    )
+    folder = files.final.parent
+    kept = (
+        f"the last good epoch's weights are kept in {folder} ({files.best.name}, resume state "
+        f"{files.last.name})"
+        if epoch > 0
+        else f"nothing of it was written; the checkpoints it started from in {folder} are kept"
+    )
+    return (
+        f"{label} diverged at epoch {epoch + 1}: {why}. The stage was stopped: {kept}. "
+        f"Try {', '.join(tries)}, then rerun."
+    )
+
+
 def fit(
     model: nn.Module,
     trainable: nn.Module,
@@ -258,13 +334,15 @@ def fit(
     progress: bool = True,
     on_step: OnStep | None = None,
     stage: str = "",
+    start_losses: dict[str, Any] | None = None,
 ) -> TrainState:
     """Train ``trainable``'s parameters that require grad for ``cfg.epochs`` epochs (resuming from
     ``files.last`` when it carries ``tag``), validating after each epoch, keeping the best weights of
     ``trainable`` (by ``cfg.monitor``) in ``files.best``; early stopping after ``cfg.patience`` epochs without
     improvement. Only ``trainable``'s state is saved: the whole model in stages 0 and 2, the head in stage 1
     (the frozen backbone never changes). Returns the final counters. ``on_step(label, step)`` is called
-    after every optimizer step."""
+    after every optimizer step. Raises ``TrainingDivergedError`` (see ``divergence``; ``start_losses``: the
+    losses of the checkpoint the stage starts from) with the last good epoch's files kept."""
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     state = load_resume_state(files.last, trainable, optimizer, tag) or TrainState()
@@ -317,6 +395,18 @@ def fit(
             images_per_s=count / max(train_seconds, 1e-9),
             seconds=time.perf_counter() - started,
         )
+        why = divergence(record, state, cfg.divergence_factor, start_losses)
+        if why is not None:
+            if ctx.is_main:
+                log_epoch(
+                    files.metrics,
+                    {"stage": stage, "epoch": epoch, "config_hash": tag, "diverged": why, **record},
+                )
+            raise TrainingDivergedError(_divergence_message(label, stage, epoch, why, cfg, files))
+        if state.first_train_loss is None:
+            state.first_train_loss = float(record["train_loss"])
+            if math.isfinite(float(record["val_loss"])):
+                state.first_val_loss = float(record["val_loss"])
         value = float(record[cfg.monitor])
         if len(val_feed) == 0 or improved(value, state.best, cfg.monitor):  # no val split: keep the last
             state.best, state.best_epoch, state.bad_epochs = value, epoch, 0
@@ -479,6 +569,7 @@ def train_stage(
     mean, std = models.normalization(model_cfg.arch)
     seed = stage_seed(config, key, stage)
 
+    start_losses: dict[str, Any] | None = None
     with determinism(config.train.deterministic and ctx.device.type == "cpu"):
         torch.manual_seed(seed)
         head = HeadConfig() if stage == "0" else model_cfg.head
@@ -503,6 +594,7 @@ def train_stage(
                 )
             model = models.build_model(model_cfg.arch, len(classes), head, "none")
             model.load_state_dict(load_file(str(previous.final)), strict=True)
+            start_losses = models.read_checkpoint_meta(previous.final).get("metrics") or {}
         model.to(ctx.device)
         models.check_input_size(
             model, size, f"train.stage{stage}.image_size / image_scale or models[{model_cfg.key}].image_size"
@@ -574,7 +666,7 @@ def train_stage(
 
         state = fit(
             model, trainable, forward_train, forward_eval, train_feed, val_feed, cfg, loss, ctx, files, tag,
-            seed, label, progress, on_step, stage,
+            seed, label, progress, on_step, stage, start_losses,
         )  # fmt: skip
         if ctx.is_main:
             meta = {"classes": classes, "image_size": size, "mean": list(mean), "std": list(std), **extra}

@@ -7,6 +7,7 @@ in which a DataLoader asks for items. Call ``set_epoch(epoch)`` at the start of 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from evidrift.data.readers import read_image, read_mask
+from evidrift.data.readers import ImageReadError, read_image, read_mask
 from evidrift.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -84,6 +85,13 @@ class ManifestDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += len(self)
+        if not os.path.isfile(self.paths[index]):
+            raise ImageReadError(
+                f"{self.paths[index]}: no such file; it was listed by the data step (run/data/manifest"
+                ".parquet) and has since been moved or deleted: restore it, or rerun `evidrift run "
+                "study.yaml` (the data step notices the change and rebuilds the manifest; `--force data` "
+                "rebuilds it in any case)"
+            )
         image = read_image(self.paths[index])
         mask_path = self.mask_paths[index]
         mask = None

@@ -14,7 +14,10 @@ Formats and how their values map to [0, 1]:
   is inverted so that bone is always bright. Multi-frame files and compressed transfer syntaxes without an
   installed decoder raise an error naming what to do.
 
-Every failure is an ``ImageReadError`` whose message names the file and the reason.
+Every failure is an ``ImageReadError`` whose message names the file and the reason. ``read_image(path,
+notes)`` appends to ``notes`` what is readable but suspicious: a 16-bit PNG/TIFF whose maximum fits in 12
+bits (12-bit detector values stored unscaled read as nearly black; DICOM declares its range in BitsStored,
+which the VOI / min-max mapping honours, so DICOM is never flagged).
 """
 
 from __future__ import annotations
@@ -48,15 +51,20 @@ _DECODER_HINTS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: A 16-bit image whose maximum is below 2**LOW_DEPTH_BITS is flagged (``read_image``'s ``notes``).
+LOW_DEPTH_BITS = 12
+
+
 class ImageReadError(ValueError):
     """An image file that cannot be read; the message names the file and the reason."""
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], notes: list[str] | None = None) -> np.ndarray:
     """Read one image as grayscale float32 [H, W] with values in [0, 1] (see the module doc for scaling).
 
     Raises ``ImageReadError`` (naming the file and why) for a missing, empty, truncated, corrupt or
-    unsupported file.
+    unsupported file. ``notes``: a list that receives one line per suspicious property (a 16-bit image using
+    at most 12 bits), naming the file.
     """
     file = Path(path)
     if not file.is_file():
@@ -69,8 +77,12 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             image = _read_dicom(file)
         elif suffix in TIFF_SUFFIXES:
             image = _read_tiff(file)
+            if notes is not None:
+                _check_depth(file, notes)
         else:
             image = _read_pillow(file)
+            if notes is not None:
+                _check_depth(file, notes)
     except ImageReadError:
         raise
     except Exception as exc:  # every decoder error becomes one naming the file (chained, never swallowed)
@@ -103,6 +115,49 @@ def _has_dicom_magic(file: Path) -> bool:
     with open(file, "rb") as handle:
         handle.seek(128)
         return handle.read(4) == b"DICM"
+
+
+def is_dicom(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a DICOM file by its content (the Part 10 ``DICM`` preamble), whatever its name
+    (PACS exports often have no suffix). False for unreadable files."""
+    try:
+        return _has_dicom_magic(Path(path))
+    except OSError:
+        return False
+
+
+def _sixteen_bit_max(file: Path) -> int | None:
+    """The largest stored value of a 16-bit grayscale PNG/TIFF, or None for other images."""
+    if file.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(file) as tif:
+            if tif.pages[0].dtype != np.uint16:  # type: ignore[union-attr]
+                return None
+            data = tif.asarray()
+        return int(data.max()) if data.size else None
+    from PIL import Image
+
+    with Image.open(file) as opened:
+        if not (opened.mode.startswith("I;16") or opened.mode == "I"):
+            return None
+        data = np.asarray(opened)
+    if opened.mode == "I" and data.size and int(data.max()) > 65535:
+        return None
+    return int(data.max()) if data.size else None
+
+
+def _check_depth(file: Path, notes: list[str]) -> None:
+    """Append a note when a 16-bit image's maximum fits in ``LOW_DEPTH_BITS`` bits."""
+    top = _sixteen_bit_max(file)
+    if top is None or top >= 2**LOW_DEPTH_BITS:
+        return
+    bits = max(1, top.bit_length())
+    notes.append(
+        f"{file}: 16-bit image whose maximum {top} fits in {bits} bits, read as 0-{top / 65535:.3f} "
+        f"(nearly black); if it holds {LOW_DEPTH_BITS}-bit values, scale them to 16 bits "
+        f"(x{2 ** (16 - LOW_DEPTH_BITS)}) or export DICOM with BitsStored {LOW_DEPTH_BITS}"
+    )
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:

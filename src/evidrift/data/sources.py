@@ -18,6 +18,18 @@ status     "ok" or "skipped: <reason>" (unreadable image with ``on_bad_image: sk
 
 Extra columns of a CSV manifest (e.g. the phantom set's ``marker``) are kept after these.
 
+Class folders hold images by suffix (``IMAGE_SUFFIXES``) or DICOM by content (the ``DICM`` preamble, so
+extensionless PACS exports count); every other file (hidden ones and files outside the class folders
+included) is ignored, counted and listed: logged by the data step and written to ``run/data/ignored.json``
+(a JSON list of paths relative to ``data.path``) for the report.
+
+``data_fingerprint(config.data)`` is what the data step read: for a CSV one entry per row (its cells and
+the size and modification time of its image and mask) plus the CSV's bytes; for class folders every file
+under ``data.path`` with its size and modification time; nothing for the phantom set (generated from the
+config). It is part of the data step's hash and written to ``run/data/fingerprint.json``, so a rerun notices
+added, removed and modified files (``fingerprint_changes``). ``load_manifest`` checks that every image it
+lists still exists.
+
 Checks run before any training; each failure raises ``ManifestError`` naming the file or the CSV row and the
 fix: missing file, unknown label (vs ``data.classes``), empty class, duplicate path, invalid split value,
 patient in two splits, bad box, mask missing / unreadable / of the wrong size. Unreadable or corrupt images
@@ -26,11 +38,13 @@ raise (``on_bad_image: error``) or are kept with status ``skipped: <reason>``, l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +57,7 @@ from evidrift.data.phantom import (
     CLASSES as PHANTOM_CLASSES,
 )
 from evidrift.data.phantom import generate_phantom_set, generated_set_matches, phantom_params
-from evidrift.data.readers import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask
+from evidrift.data.readers import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image, read_mask
 from evidrift.data.source_task import SOURCE_CLASSES, generate_source_set, source_params
 
 if TYPE_CHECKING:
@@ -68,24 +82,58 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 _BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 _CSV_KNOWN = {"path", "label", "split", "patient_id", "mask", *_BOX_COLUMNS}
 _MAX_LISTED = 8
+#: Images whose resize to the model's input side scales them up by more than this are warned about.
+UPSCALE_WARNING = 4.0
+FINGERPRINT_FILE = "fingerprint.json"
+IGNORED_FILE = "ignored.json"
 
 
 class ManifestError(ValueError):
     """A data source that cannot be used; the message names the file or row and how to fix it."""
 
 
+@dataclass
+class PreparedData:
+    """What the data step builds: the manifest, the classes, the files of class folders it ignored (paths
+    relative to ``data.path``) and the warnings it logged."""
+
+    frame: pd.DataFrame
+    classes: list[str]
+    ignored: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
 # --- public entry points ------------------------------------------------------------------------------------
-def prepare_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
+def prepare_data(config: StudyConfig, paths: RunPaths, input_size: int | None = None) -> pd.DataFrame:
     """Build, check and write the target manifest of ``config.data``; returns it (all rows, skipped included).
 
     ``phantom``: generates the set into ``run/data/phantoms`` (reused when present with the same parameters)
     and reads its manifest.csv. ``folder``: one sub-folder per class under ``data.path``. ``csv``: the
-    manifest at ``data.path``. Writes ``run/data/manifest.parquet`` and ``run/data/classes.json``.
+    manifest at ``data.path``. Writes ``run/data/manifest.parquet``, ``classes.json``, ``ignored.json`` and
+    ``fingerprint.json``. ``input_size``: the largest model input side, for the small-image warning.
     """
+    fingerprint = data_fingerprint(config.data)
+    prepared = collect_data(config, paths.data_dir / "phantoms", input_size)
+    _write(paths.data_dir, prepared.frame, prepared.classes)
+    write_json_atomic(paths.data_dir / IGNORED_FILE, prepared.ignored)
+    write_json_atomic(paths.data_dir / FINGERPRINT_FILE, fingerprint)
+    return prepared.frame
+
+
+def collect_data(
+    config: StudyConfig, phantom_dir: Path | None, input_size: int | None = None
+) -> PreparedData:
+    """The data step without writing its outputs: read ``config.data``, run every check, log the ignored
+    files and the warnings (16-bit images using at most 12 bits, images upscaled more than
+    ``UPSCALE_WARNING`` times to ``input_size``). ``phantom_dir``: where the phantom set is generated (None:
+    the phantom source is not read, ManifestError). Raises ``ManifestError``."""
     data = config.data
+    ignored: list[str] = []
     if data.source == "phantom":
+        if phantom_dir is None:
+            raise ManifestError("the phantom set is generated by the data step; nothing to read before it")
         phantom = data.phantom
-        out = paths.data_dir / "phantoms"
+        out = phantom_dir
         params = phantom_params(phantom.n, phantom.size, phantom.seed, phantom.shortcut_marker)
         if generated_set_matches(out, params):
             logger.info("reusing the phantom set in %s", out)
@@ -96,14 +144,21 @@ def prepare_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
         root = out
     elif data.source == "folder":
         assert data.path is not None  # enforced by DataConfig
-        raw = scan_class_folders(data.path, data.classes)
+        raw = scan_class_folders(data.path, data.classes, ignored)
         origin, root = str(data.path), Path(data.path)
         classes = list(data.classes) if data.classes else sorted(raw["label"].unique().tolist())
+        if ignored:
+            shown = ", ".join(ignored[:_MAX_LISTED]) + (" ..." if len(ignored) > _MAX_LISTED else "")
+            logger.warning(
+                "%s: %d files ignored (neither images by suffix %s nor DICOM by content): %s",
+                origin, len(ignored), "/".join(sorted(IMAGE_SUFFIXES)), shown,
+            )  # fmt: skip
     else:
         assert data.path is not None
         raw, origin = read_csv_manifest(data.path)
         root = Path(data.path).parent
         classes = list(data.classes) if data.classes else sorted(raw["label"].dropna().unique().tolist())
+    notes: list[str] = []
     frame = build_manifest(
         raw,
         root=root,
@@ -113,9 +168,11 @@ def prepare_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
         test=data.split.test,
         seed=data.split.seed,
         on_bad_image=data.on_bad_image,
+        input_size=input_size,
+        resize=data.resize,
+        notes=notes,
     )
-    _write(paths.data_dir, frame, classes)
-    return frame
+    return PreparedData(frame, classes, ignored, notes)
 
 
 def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
@@ -163,15 +220,122 @@ def load_manifest(paths: RunPaths, source: bool = False) -> tuple[pd.DataFrame, 
             raise ManifestError(f"{file} does not exist; prepare the data first (evidrift run study.yaml)")
     frame = pd.read_parquet(manifest)
     classes = json.loads(classes_file.read_text(encoding="utf-8"))
+    check_files_exist(frame, manifest)
     return frame, list(classes)
 
 
+def check_files_exist(frame: pd.DataFrame, manifest: Path) -> None:
+    """Raise ``ManifestError`` listing the usable images (and masks) of ``frame`` that no longer exist: the
+    data changed after the data step wrote ``manifest``."""
+    ok = frame[frame["status"] == "ok"]
+    files = list(ok["path"])
+    if "mask_path" in ok.columns:
+        files += [m for m in ok["mask_path"] if isinstance(m, str) and m]
+    gone = [f for f in files if not os.path.isfile(f)]
+    _raise_if(
+        gone,
+        f"files listed in {manifest} by the data step no longer exist",
+        "restore them, or rerun `evidrift run study.yaml`: the data step notices the change and rebuilds the "
+        "manifest (`--force data` rebuilds it in any case)",
+    )
+
+
+# --- what the data step read --------------------------------------------------------------------------------
+def _stat(path: str | os.PathLike[str]) -> str:
+    """``size:mtime_ns`` of a file, or ``missing``."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def data_fingerprint(data: Any) -> dict[str, str]:
+    """{entry: digest} of what the data step reads for ``data`` (a ``DataConfig``); see the module doc.
+
+    ``csv``: ``csv`` → SHA-256 of the file, and per row ``row:{path cell}`` → a digest of its cells and of
+    the size and mtime of its image and mask (paths as the data step resolves them). ``folder``: every file
+    under ``data.path`` (relative path → ``size:mtime_ns``). A missing CSV or folder gives ``{"missing":
+    path}`` (the data step then reports it)."""
+    if data.source == "phantom" or data.path is None:
+        return {}
+    path = Path(data.path)
+    if data.source == "folder":
+        if not path.is_dir():
+            return {"missing": str(path)}
+        return {
+            file.relative_to(path).as_posix(): _stat(file)
+            for file in sorted(path.rglob("*"))
+            if file.is_file()
+        }
+    if not path.is_file():
+        return {"missing": str(path)}
+    content = path.read_bytes()
+    entries = {"csv": hashlib.sha256(content).hexdigest()[:16]}
+    try:
+        table, _ = read_csv_manifest(path)
+    except ManifestError:
+        return entries
+    base = path.parent
+    for row in table.drop(columns="where").to_dict("records"):
+        cells = {
+            column: value for column, value in row.items() if value != ""
+        }  # a new empty column: same row
+        key = f"row:{cells.get('path', '')}"
+        files = [cells.get("path", ""), cells.get("mask", "")]
+        stats = [_stat(_resolve(base, f)) if f else "" for f in files]
+        digest = hashlib.sha256(json.dumps([cells, stats], sort_keys=True).encode()).hexdigest()[:16]
+        while key in entries:  # a duplicated path (an error the data step reports): keep both rows
+            key += "+"
+        entries[key] = digest
+    return entries
+
+
+def fingerprint_digest(entries: dict[str, str]) -> str:
+    """A short digest of a fingerprint (what the data step's hash includes)."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_changes(before: dict[str, str], after: dict[str, str]) -> str:
+    """``n added, n removed, n modified`` between two fingerprints, with a few names of each; ``""`` when
+    they are equal."""
+    if before == after:
+        return ""
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    modified = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    parts = []
+    for what, names in (("added", added), ("removed", removed), ("modified", modified)):
+        files = [n.removeprefix("row:") for n in names if n != "csv"]
+        shown = files[:3]
+        extra = f" ({', '.join(shown)}{', ...' if len(files) > len(shown) else ''})" if shown else ""
+        parts.append(f"{len(files)} {what}{extra}")
+    text = ", ".join(parts)
+    if "csv" in modified and not (added or removed or len(modified) > 1):
+        text += "; the CSV's bytes changed (formatting or column order)"
+    return text
+
+
+def read_fingerprint(paths: RunPaths) -> dict[str, str] | None:
+    """The fingerprint the last data step of a run wrote, or None."""
+    file = paths.data_dir / FINGERPRINT_FILE
+    try:
+        return dict(json.loads(file.read_text(encoding="utf-8")))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 # --- reading sources ----------------------------------------------------------------------------------------
-def scan_class_folders(root: str | os.PathLike[str], classes: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per image file under ``root/{class}/`` (recursively; hidden files ignored).
+def scan_class_folders(
+    root: str | os.PathLike[str], classes: Sequence[str] | None = None, ignored: list[str] | None = None
+) -> pd.DataFrame:
+    """One row per image file under ``root/{class}/`` (recursively): a suffix in ``IMAGE_SUFFIXES``, or a
+    DICOM file by content whatever its name.
 
     Columns path (relative to ``root``), label, where. With ``classes`` given, a sub-folder not in it is an
-    unknown label and a class without a folder (or without images) is an empty class."""
+    unknown label and a class without a folder (or without images) is an empty class. ``ignored``: a list
+    that receives every other file (relative paths, sorted): hidden files, files that are neither images nor
+    DICOM, files directly under ``root``."""
     base = Path(root)
     if not base.is_dir():
         raise ManifestError(
@@ -192,19 +356,26 @@ def scan_class_folders(root: str | os.PathLike[str], classes: Sequence[str] | No
                 "or move them out of the data folder"
             )
     rows = []
+    skipped: list[str] = [p.name for p in sorted(base.iterdir()) if p.is_file()]
     for folder in folders:
         for file in sorted(folder.rglob("*")):
-            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append(
-                    {"path": file.relative_to(base).as_posix(), "label": folder.name, "where": str(file)}
-                )
+            if not file.is_file():
+                continue
+            relative = file.relative_to(base).as_posix()
+            hidden = any(part.startswith(".") for part in file.relative_to(folder).parts)
+            if not hidden and (file.suffix.lower() in IMAGE_SUFFIXES or is_dicom(file)):
+                rows.append({"path": relative, "label": folder.name, "where": str(file)})
+            else:
+                skipped.append(relative)
+    if ignored is not None:
+        ignored.extend(sorted(skipped))
     wanted = list(classes) if classes is not None else names
     counts = {name: sum(r["label"] == name for r in rows) for name in wanted}
     empty = [name for name, count in counts.items() if count == 0]
     if empty:
         raise ManifestError(
             f"{base}: class(es) {empty} have no images "
-            f"(looked for {sorted(IMAGE_SUFFIXES)} in {base}/<class>/); "
+            f"(looked for {sorted(IMAGE_SUFFIXES)} and DICOM files in {base}/<class>/); "
             "add images or remove the class from data.classes / the empty folder"
         )
     return pd.DataFrame(rows, columns=["path", "label", "where"])
@@ -247,9 +418,15 @@ def build_manifest(
     seed: int,
     on_bad_image: str = "error",
     decode_workers: int = 4,
+    input_size: int | None = None,
+    resize: str = "pad",
+    notes: list[str] | None = None,
 ) -> pd.DataFrame:
     """Check ``raw`` rows (path/label[/split/patient_id/mask/x0..y1], paths relative to ``root``) and return
-    the manifest (``MANIFEST_COLUMNS`` then extra columns). Raises ``ManifestError`` (see the module doc)."""
+    the manifest (``MANIFEST_COLUMNS`` then extra columns). Raises ``ManifestError`` (see the module doc).
+
+    Warnings (logged, and appended to ``notes`` when given): 16-bit images using at most 12 bits, and with
+    ``input_size``, images that the ``resize`` to that side scales up more than ``UPSCALE_WARNING`` times."""
     base = Path(root)
     table = raw.copy().reset_index(drop=True)
     if "where" not in table.columns:
@@ -311,9 +488,11 @@ def build_manifest(
     problems: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
         decoded = pool.map(_try_shape, table["abs_path"])
-        shapes = list(
+        checked = list(
             tqdm(decoded, total=len(table), desc="checking images", unit="img", disable=len(table) < 500)
         )
+    shapes = [shape for shape, _ in checked]
+    warnings = [note for _, image_notes in checked for note in image_notes]
     bad = [
         (w, p, s)
         for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True)
@@ -330,9 +509,20 @@ def build_manifest(
     ):
         if isinstance(shape, str):
             statuses.append(f"skipped: {shape}")
-            logger.warning("skipping %s (%s): %s", path, where, shape)
+            if where == path:  # class folders: the location is the path itself
+                logger.warning("skipping %s: %s", path, shape)
+            else:
+                logger.warning("skipping %s (%s): %s", path, where, shape)
             continue
         statuses.append("ok")
+        if input_size is not None:
+            factor = input_size / (max(shape) if resize == "pad" else min(shape))
+            if factor > UPSCALE_WARNING:
+                warnings.append(
+                    f"{where}: {shape[1]}x{shape[0]} px image is upscaled {factor:.1f}x to the "
+                    f"{input_size} px model input (more than {UPSCALE_WARNING:g}x: little detail left to "
+                    "explain); use larger images or a smaller models[].image_size"
+                )
         if mask_path is not None:
             try:
                 mask_shape = read_mask(mask_path).shape
@@ -353,6 +543,12 @@ def build_manifest(
                         "boxes are pixel coordinates x0,y0,x1,y1 within the image"
                     )
     _raise_if(problems, f"{origin}: masks or boxes do not fit their images", "see each line")
+    for line in warnings[:_MAX_LISTED]:
+        logger.warning("%s", line)
+    if len(warnings) > _MAX_LISTED:
+        logger.warning("... and %d more warnings like these", len(warnings) - _MAX_LISTED)
+    if notes is not None:
+        notes.extend(warnings)
     skipped = sum(s != "ok" for s in statuses)
     if skipped:
         logger.warning("%d of %d images skipped as unreadable (on_bad_image: skip)", skipped, len(statuses))
@@ -453,13 +649,14 @@ def _resolve(base: Path, path: str) -> str:
     return str((candidate if candidate.is_absolute() else base / candidate).resolve())
 
 
-def _try_shape(path: str) -> tuple[int, int] | str:
-    """(H, W) of a readable image, or the reason it cannot be read."""
+def _try_shape(path: str) -> tuple[tuple[int, int] | str, list[str]]:
+    """((H, W) of a readable image, or the reason it cannot be read; the reader's notes about it)."""
+    notes: list[str] = []
     try:
-        image = read_image(path)
+        image = read_image(path, notes)
     except ImageReadError as exc:
-        return str(exc).removeprefix(f"{path}: ")
-    return int(image.shape[0]), int(image.shape[1])
+        return str(exc).removeprefix(f"{path}: "), notes
+    return (int(image.shape[0]), int(image.shape[1])), notes
 
 
 def _given_splits(table: pd.DataFrame, origin: str) -> list[str] | None:

@@ -148,10 +148,22 @@ def dataset_section(paths: RunPaths) -> Section:
     )
     skipped = manifest[manifest["status"] != "ok"]
     has_masks = "mask_path" in manifest.columns and manifest["mask_path"].notna().any()
+    has_boxes = "bbox" in manifest.columns and manifest["bbox"].notna().any()
+    truth = {
+        (True, True): "; lesion masks and boxes available.",
+        (True, False): "; lesion masks available.",
+        (False, True): "; lesion boxes available (localization on masks rasterised from them, box-derived).",
+        (False, False): "; no lesion masks.",
+    }[(bool(has_masks), bool(has_boxes))]
     section.intro = (
         f"{len(manifest)} images listed, {len(ok)} usable, {len(skipped)} skipped; {len(labels)} classes"
-        + ("; lesion masks available." if has_masks else "; no lesion masks.")
+        + truth
     )
+    ignored_file = paths.data_dir / "ignored.json"
+    ignored = json.loads(ignored_file.read_text(encoding="utf-8")) if ignored_file.is_file() else []
+    if ignored:
+        shown = ", ".join(ignored[:12]) + (", ..." if len(ignored) > 12 else "")
+        section.notes.append(f"{len(ignored)} files ignored (neither images nor DICOM): {shown}")
     if len(skipped):
         shown = skipped.head(50)
         rows = [
@@ -381,6 +393,12 @@ def localization_section(
     low, high = ci_columns(summary)
     summary = summary.rename(columns={low: "ci_low", high: "ci_high"})
     metrics = ordered(summary["metric"], LOCALIZATION_METRICS)
+    if "box_derived" in summary.columns and summary["box_derived"].fillna(0).gt(0).any():
+        section.notes.append(
+            "Box-derived ground truth: images without a lesion mask are scored against their CSV boxes "
+            "rasterised as masks; box_iou@0.5 compares the bounding box of the map's values ≥ 0.5 (min-max "
+            "normalized) with the boxes."
+        )
     section.intro = (
         "Maps of the explained test images with a non-empty lesion mask, at each stage: pointing game (the "
         "peak "
