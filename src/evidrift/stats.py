@@ -244,19 +244,7 @@ def paired_tests(
                 row["p_holm"] = float(p_adj)
                 row["significant"] = bool(p_adj < alpha)
             rows.extend(family)
-    columns = [
-        "layer",
-        "method",
-        "metric",
-        "arch_x",
-        "arch_y",
-        "n",
-        "mean_diff",
-        "p",
-        "p_holm",
-        "significant",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=PAIRED_TEST_COLUMNS)
 
 
 def keep_representatives(drift: pd.DataFrame, representatives: Representatives | None) -> pd.DataFrame:
