@@ -508,7 +508,8 @@ def compare(
             most_drifted=most_drifted,
             progress=True,
         )
-        write_verdicts(result.verdicts, result.context, json_out, junit_out, result.seconds)
+        context = {**result.context, "seconds": round(result.seconds, 1)}
+        write_verdicts(result.verdicts, context, json_out, junit_out, result.seconds)
     except (CompareError, *_STUDY_ERRORS) as exc:
         raise fail(str(exc)) from None
     _print_drift_table(

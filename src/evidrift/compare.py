@@ -261,6 +261,7 @@ def compare_checkpoints(
     config = compare_config(meta_a, data, out, methods, max_images)
     from evidrift import distributed
     from evidrift.analysis import run_drift
+    from evidrift.compare_band import band_record
     from evidrift.data.sources import prepare_data
     from evidrift.evaluate import evaluate_study
     from evidrift.explain import explain_run
@@ -287,8 +288,6 @@ def compare_checkpoints(
     drift = run_drift(paths.root, settings, progress=False).drift
     write_localization(config, paths, settings)
     band_drift = _band(config, paths, key, a, baseline, band_kind, perturbation, settings, progress)
-    from evidrift.compare_band import band_record
-
     context = {
         "a": str(a),
         "b": str(b),

@@ -45,7 +45,7 @@ def _verdict_table(document: dict[str, Any]) -> Table:
                 f"band {fmt_ci(v.get('band_mean'), v.get('band_ci_low'), v.get('band_ci_high'))}, "
                 f"edge {fmt(v.get('threshold'))} (T = {fmt(v.get('tolerance'), 2)})"
             )
-            p = f"{fmt(v.get('p'), 4)} ({fmt(v.get('p_holm'), 4)})"
+            p = f"{_p(v.get('p'))} ({_p(v.get('p_holm'))})"
         else:
             reference = f"{'≥' if v['gate'] == 'fail-below' else '≤'} {fmt(v.get('threshold'))}"
             p = "—"
@@ -65,6 +65,13 @@ def _verdict_table(document: dict[str, Any]) -> Table:
         )
     header = ["gate", "metric", "method", "n", "A → B mean [95% CI]", "threshold / band", "p (Holm)", ""]
     return Table(header, rows, caption="Verdicts (exit code 1 when any fails)", numeric_from=3)
+
+
+def _p(value: Any) -> str:
+    """A p-value: 4 decimals, or 2 significant digits below 0.001 ("n/a" when missing)."""
+    if value is None or fmt(value) == "n/a":
+        return "n/a"
+    return f"{float(value):.2g}" if float(value) < 1e-3 else f"{float(value):.4f}"
 
 
 def _class_table(by_class: pd.DataFrame, metric: str) -> Table:
