@@ -347,4 +347,6 @@ def test_cli_bad_band_input_exits_2(trained: Trained, tmp_path: Path) -> None:
     other.with_suffix(".json").write_text(json.dumps({**meta, "classes": ["normal", "covid19"]}))
     code, output = _run(a, a, *data, "--baseline", str(other))
     assert code == 2 and "different class lists" in " ".join(output.split())
+    code, output = _run(a, a, *data, "--junit", str(tmp_path))
+    assert code == 2 and "is a directory" in output
     assert not (tmp_path / "x" / "gate").exists()  # bad input fails before any work

@@ -491,6 +491,9 @@ def compare(
     below = _thresholds(fail_below, "--fail-below")
     above = _thresholds(fail_above, "--fail-above")
     spec = GateSpec(below, above, list(fail_beyond_band or []), alpha, band_tolerance)
+    for option, path in (("--json", json_out), ("--junit", junit_out)):
+        if path is not None and path.is_dir():
+            raise fail(f"{option} {path} is a directory; pass the path of the file to write")
     try:
         result = compare_checkpoints(
             a,
