@@ -7,25 +7,37 @@ evaluate, explain (``samples: all``, target = the label), drift and report steps
 study compute everything the same way. It is recomputed from scratch every time — a gate must never pass on
 a stale result. ``check_gates`` turns ``--fail-below METRIC=V`` / ``--fail-above METRIC=V`` into messages
 naming the metric, the method, the threshold and the mean value that fails.
+
+With a band (``baseline``: a second checkpoint A2 of A's recipe; or ``input-noise``), the band's per-image
+drift is written to ``OUT/band/drift.parquet`` (``evidrift.compare_band``); with gates, every verdict
+(``evidrift.compare_gates``, fixed thresholds and band gates) goes to ``OUT/gate/verdicts.json`` together
+with where the evidence moved (``evidrift.compare_where``: per class, per zone, most-drifted images), all
+before the report is built, so the report shows them.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from evidrift.artifacts import RunPaths, write_parquet_atomic, write_text_atomic
+from evidrift.analysis import DriftSettings
+from evidrift.artifacts import RunPaths, write_json_atomic, write_parquet_atomic, write_text_atomic
 from evidrift.config import DEFAULT_EXPLAIN_METHODS, StudyConfig, dump_yaml, parse_config
 from evidrift.study import drift_settings, write_localization
 
+if TYPE_CHECKING:
+    from evidrift.compare_band import Perturbation
+    from evidrift.compare_gates import GateSpec, Verdict
+
 SPLITS = ("all", "train", "val", "test")
+BANDS = ("baseline", "input-noise")
 
 
 class CompareError(ValueError):
@@ -34,10 +46,21 @@ class CompareError(ValueError):
 
 @dataclass(frozen=True)
 class CompareResult:
+    """A finished comparison: its run directory, model key, number of images, ``summary.csv``; with a band
+    its kind and per-image table; with gates the verdicts and the where-tables (``compare_where``);
+    ``context``: what the JSON/JUnit files record about the run; ``seconds``: wall time."""
+
     paths: RunPaths
     arch: str
     n_images: int
     summary: pd.DataFrame
+    drift: pd.DataFrame | None = None
+    band_kind: str | None = None
+    band: pd.DataFrame | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    where: dict[str, pd.DataFrame] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 # --- checks -------------------------------------------------------------------------------------------------
@@ -103,28 +126,10 @@ def check_gates(
 ) -> list[str]:
     """One message per failed gate and method: the mean of the metric over the images (``summary.csv``) must
     be ≥ the ``fail_below`` threshold and ≤ the ``fail_above`` one. A NaN mean (every map degenerate)
-    fails."""
-    failures = []
-    for gates, option, worse in ((fail_below, "--fail-below", "<"), (fail_above, "--fail-above", ">")):
-        canonical = resolve_gates(gates)
-        for name, threshold in gates.items():
-            metric = canonical[name]
-            rows = summary[summary["metric"] == metric]
-            if rows.empty:
-                raise CompareError(
-                    f"{option} {name}: the metric {metric!r} was not computed (summary.csv has "
-                    f"{sorted(summary['metric'].unique())})"
-                )
-            for _, row in rows.iterrows():
-                value = float(row["mean"])
-                bad = math.isnan(value) or (value < threshold if worse == "<" else value > threshold)
-                if bad:
-                    failures.append(
-                        f"{metric} under {row['method']} ({row['arch']}): "
-                        f"mean {value:.4f} {worse} {threshold:g} "
-                        f"({option} {name}={threshold:g}; n = {int(row['n'])} images)"
-                    )
-    return failures
+    fails. (The messages of the failed ``compare_gates.threshold_verdicts``.)"""
+    from evidrift.compare_gates import threshold_verdicts
+
+    return [v.message for v in threshold_verdicts(summary, fail_below, fail_above) if not v.passed]
 
 
 # --- the comparison -----------------------------------------------------------------------------------------
@@ -189,6 +194,18 @@ def _select_images(paths: RunPaths, split: str) -> int:
     return int(chosen.sum())
 
 
+def _band_kind(baseline: Path | None, band: str | None) -> str | None:
+    if band is not None and band not in BANDS:
+        raise CompareError(f"--band {band!r}: choose baseline (with --baseline A2) or input-noise")
+    if baseline is not None and band == "input-noise":
+        raise CompareError(
+            "--baseline and --band input-noise: choose one band (a baseline checkpoint is the stronger one)"
+        )
+    if band == "baseline" and baseline is None:
+        raise CompareError("--band baseline needs --baseline A2: a second checkpoint of A's recipe")
+    return "baseline" if baseline is not None else band
+
+
 def compare_checkpoints(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
@@ -198,11 +215,24 @@ def compare_checkpoints(
     split: str = "all",
     max_images: int | None = None,
     gates: Iterable[str] = (),
+    baseline: str | os.PathLike[str] | None = None,
+    band: str | None = None,
+    perturbation: Perturbation | None = None,
+    gate_spec: GateSpec | None = None,
+    most_drifted: int = 5,
+    progress: bool = False,
 ) -> CompareResult:
     """Explain every usable image of ``data`` with checkpoints ``a`` and ``b`` and measure the drift A → B;
     writes the run directory ``out`` (drift.parquet, summary.csv, report.html, ...). ``gates``: metric names
-    checked up front, so that a typo fails before any work."""
+    checked up front, so that a typo fails before any work.
+
+    ``baseline`` (a checkpoint A2 of A's recipe) or ``band="input-noise"`` (with ``perturbation``): also
+    measure the noise band (``compare_band``). ``gate_spec``: evaluate every gate (``compare_gates``) and
+    write ``OUT/gate/`` (verdicts.json and the where-tables, ``most_drifted`` images per method) before the
+    report. Everything the user passed is checked before any work (CompareError)."""
+    started = time.perf_counter()
     a, b, data, out = Path(a), Path(b), Path(data), Path(out)
+    baseline = Path(baseline) if baseline is not None else None
     if split not in SPLITS:
         raise CompareError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     if not data.exists():
@@ -215,18 +245,38 @@ def compare_checkpoints(
             resolve_method(method)
         except ValueError as exc:
             raise CompareError(f"--methods: {exc}") from None
+    explained = [resolve_method(m) for m in (methods or DEFAULT_EXPLAIN_METHODS)]
+    band_kind = _band_kind(baseline, band)
+    if gate_spec is not None:
+        gate_spec.check(explained)
+        if gate_spec.band and band_kind is None:
+            raise CompareError(
+                "--fail-beyond-band needs a band: pass --baseline A2 (a second checkpoint of A's recipe) or "
+                "--band input-noise"
+            )
+    if band_kind == "input-noise":
+        from evidrift.compare_band import Perturbation
+
+        perturbation = perturbation or Perturbation()
+        try:
+            perturbation.check()
+        except ValueError as exc:
+            raise CompareError(str(exc)) from None
     meta_a, meta_b = checkpoint_meta(a), checkpoint_meta(b)
     check_compatible(a, meta_a, b, meta_b)
+    if baseline is not None:
+        check_compatible(a, meta_a, baseline, checkpoint_meta(baseline))
     config = compare_config(meta_a, data, out, methods, max_images)
     from evidrift import distributed
     from evidrift.analysis import run_drift
+    from evidrift.compare_band import band_record
     from evidrift.data.sources import prepare_data
     from evidrift.evaluate import evaluate_study
     from evidrift.explain import explain_run
     from evidrift.report import build_report
 
     paths = RunPaths.at(out)
-    for stale in ("maps", "eval", "figures", "steps"):
+    for stale in ("maps", "eval", "figures", "steps", "band", "gate"):
         if (paths.root / stale).is_dir():
             shutil.rmtree(paths.root / stale)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -246,9 +296,89 @@ def compare_checkpoints(
     for stage in (1, 2):
         explain_run(config, paths, key, stage, ctx=ctx, progress=False)
     settings = drift_settings(config)
-    run_drift(paths.root, settings, progress=False)
+    drift = run_drift(paths.root, settings, progress=False).drift
     write_localization(config, paths, settings)
+    band_drift = _band(config, paths, key, a, baseline, band_kind, perturbation, settings, progress)
+    context = {
+        "a": str(a),
+        "b": str(b),
+        "baseline": str(baseline) if baseline is not None else None,
+        "band": band_record(paths) or None,
+        "data": str(data),
+        "n_images": n_images,
+        "methods": explained,
+        "alpha": gate_spec.alpha if gate_spec is not None else None,
+        "tolerance": gate_spec.tolerance if gate_spec is not None else None,
+        "run_dir": str(paths.root),
+        "report": str(paths.report),
+    }
+    summary = pd.read_csv(paths.summary)
+    verdicts, where = _gate(
+        paths, config, summary, drift, band_drift, band_kind, gate_spec, explained, most_drifted, context
+    )
     build_report(
         paths.root, config, stage_labels=(f"A ({a.name})", f"B ({b.name})"), subtitle=f"A = {a}, B = {b}"
     )
-    return CompareResult(paths, key, n_images, pd.read_csv(paths.summary))
+    return CompareResult(
+        paths,
+        key,
+        n_images,
+        summary,
+        drift,
+        band_kind,
+        band_drift,
+        verdicts,
+        where,
+        context,
+        time.perf_counter() - started,
+    )
+
+
+def _band(
+    config: StudyConfig,
+    paths: RunPaths,
+    key: str,
+    a: Path,
+    baseline: Path | None,
+    band_kind: str | None,
+    perturbation: Perturbation | None,
+    settings: DriftSettings,
+    progress: bool,
+) -> pd.DataFrame | None:
+    """The band's per-image drift table (None without a band)."""
+    from evidrift.compare_band import baseline_drift, input_noise_drift
+
+    if band_kind == "baseline" and baseline is not None:
+        return baseline_drift(config, paths, key, a, baseline, settings, _link)
+    if band_kind == "input-noise" and perturbation is not None:
+        return input_noise_drift(config, paths, key, perturbation, settings, progress=progress)
+    return None
+
+
+def _gate(
+    paths: RunPaths,
+    config: StudyConfig,
+    summary: pd.DataFrame,
+    drift: pd.DataFrame,
+    band_drift: pd.DataFrame | None,
+    band_kind: str | None,
+    spec: GateSpec | None,
+    methods: Sequence[str],
+    k: int,
+    context: Mapping[str, Any],
+) -> tuple[list[Verdict], dict[str, pd.DataFrame]]:
+    """Verdicts of every gate and the where-tables, written to ``OUT/gate/`` (verdicts.json + CSVs)."""
+    from evidrift.compare_gates import all_verdicts
+    from evidrift.compare_verdicts import verdicts_document
+    from evidrift.compare_where import GATE_DIR, write_where
+
+    verdicts: list[Verdict] = []
+    gated: list[str] = []
+    if spec is not None:
+        s = config.stats
+        verdicts = all_verdicts(summary, drift, band_drift, spec, band_kind, methods, s.n_boot, s.ci, s.seed)
+        band_first = [v for v in verdicts if v.gate == "fail-beyond-band"] + verdicts
+        gated = list(dict.fromkeys(v.metric for v in band_first))
+    where = write_where(paths, drift, band_drift, gated, tuple(config.drift.zone_grid), k)
+    write_json_atomic(paths.root / GATE_DIR / "verdicts.json", verdicts_document(verdicts, context))
+    return verdicts, where

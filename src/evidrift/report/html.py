@@ -27,6 +27,7 @@ from markupsafe import Markup
 from evidrift.artifacts import RunPaths, read_maps, stored_methods, write_text_atomic
 from evidrift.config import StudyConfig, dump_yaml, parse_config, study_hash
 from evidrift.report import figures as F
+from evidrift.report.compare_section import compare_gate_section, has_compare_gate
 from evidrift.report.elements import (
     Cell,
     FigureWriter,
@@ -664,6 +665,8 @@ def build_report(
         localization_section(paths, archs, methods, stage_map, draw),
         degenerate_section(paths, drift, archs, methods, stage_labels),
     ]
+    if has_compare_gate(paths):  # an `evidrift compare` run: its verdicts and where the evidence moved
+        sections.insert(1, compare_gate_section(paths, config.data.resize, stage_labels, draw))
     extra = ""
     if any(paths.root.glob("probe*")) or any(paths.root.glob("sanity*")):  # issue 7's studies have run here
         from evidrift.report.probe_section import probe_report_section
