@@ -297,6 +297,7 @@ def compare_checkpoints(
         explain_run(config, paths, key, stage, ctx=ctx, progress=False)
     settings = drift_settings(config)
     drift = run_drift(paths.root, settings, progress=False).drift
+    drift = drift.assign(method=drift["map_set"])  # the gates key map sets (method[@layer])
     write_localization(config, paths, settings)
     band_drift = _band(config, paths, key, a, baseline, band_kind, perturbation, settings, progress)
     context = {
@@ -313,6 +314,8 @@ def compare_checkpoints(
         "report": str(paths.report),
     }
     summary = pd.read_csv(paths.summary)
+    if summary["layer"].nunique() > 1:  # as the map sets are named
+        summary = summary.assign(method=summary["method"] + "@" + summary["layer"].astype(str))
     verdicts, where = _gate(
         paths, config, summary, drift, band_drift, band_kind, gate_spec, explained, most_drifted, context
     )

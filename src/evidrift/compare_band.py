@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from evidrift.analysis import DriftSettings, analysis_size, drift_table
+from evidrift.analysis import DriftSettings, drift_jobs, drift_table, study_analysis_size
 from evidrift.artifacts import RunPaths, read_maps, write_json_atomic, write_parquet_atomic
 from evidrift.config import StudyConfig
 
@@ -135,6 +135,7 @@ def baseline_drift(
     shutil.copytree(paths.maps_dir(key, 1), band.maps_dir(key, 1))
     explain_run(config, band, key, 2, ctx=distributed.setup(config.train.device), progress=False)
     drift = drift_table(band, settings, progress=False)
+    drift = drift.assign(method=drift["map_set"])  # the compare gates key map sets (method[@layer])
     write_parquet_atomic(band.drift, drift)
     write_json_atomic(band.root / "band.json", {"kind": "baseline", "a": str(a), "baseline": str(baseline)})
     return drift
@@ -165,11 +166,12 @@ def input_noise_drift(
     cfg = config.explain
     methods = [resolve_method(m) for m in cfg.methods]
     ctx = distributed.setup(config.train.device)
-    from evidrift.models import load_checkpoint, resolve_cam_layers
+    from evidrift.models import cam_layer_keys, load_checkpoint
 
     model, meta = load_checkpoint(paths.checkpoint(key, 1), map_location=ctx.device)
-    layers = resolve_cam_layers(model, str(meta.get("arch", model_cfg.arch)), model_cfg.cam_layers)
-    names = store_names(methods, layers)
+    layer_keys = cam_layer_keys(model, str(meta.get("arch", model_cfg.arch)), model_cfg.cam_layers)
+    layers = list(layer_keys)
+    names = store_names(methods, layer_keys)
     reference = {name: read_maps(paths, key, 1, name) for name in names.values()}
     ids = next(iter(reference.values()))[1]
     frame, classes = load_manifest(paths)
@@ -182,7 +184,7 @@ def input_noise_drift(
         list(settings.metrics) if settings.metrics is not None else default_metric_names(settings.topk)
     )
     metric_names = list(dict.fromkeys(resolve_metric(n)[0] for n in metric_names))
-    side = analysis_size(paths, key, next(iter(reference.values()))[2], settings)
+    side = study_analysis_size(paths, drift_jobs(paths), settings)  # the A → B comparison's grid
     position = {image_id: i for i, image_id in enumerate(ids)}
     predicted = _predictions(paths, key)
     agree: list[bool] = []
