@@ -20,6 +20,8 @@ PROBE_METRICS: tuple[str, ...] = (
     "pointing_game",
     "entropy",
     "gini",
+    "grid_entropy",
+    "grid_gini",
 )
 #: Localization metrics (higher is better) used to name the best variant.
 LOCALIZATION_METRICS: tuple[str, ...] = ("gridpg", "energy_pointing_game", "pointing_game")
