@@ -42,7 +42,7 @@ from evidrift.probe_grids import (
     tile_grid,
 )
 from evidrift.probe_heads import ProbeNet, build_probe_head, channel_scale
-from evidrift.probe_stats import best_variants, metric_order, paired_variant_tests
+from evidrift.probe_stats import best_variants, metric_order, paired_variant_tests, versus_baseline
 
 
 # --- variants, config, losses -------------------------------------------------------------------------------
@@ -356,6 +356,19 @@ def test_paired_tests_find_a_planted_difference_and_best_variant() -> None:
     degenerate = table[table["variant"] == "ce-linear"].assign(variant="ce-mlp2", value=float("nan"))
     pairs = paired_variant_tests(pd.concat([table, degenerate]))  # a variant whose maps are all degenerate
     assert len(pairs) == 3 and pairs[pairs["variant_b"] == "ce-mlp2"]["n"].eq(0).all()
+
+
+def test_versus_baseline_pairs_every_variant_with_ce_linear() -> None:
+    table = _toy_table()
+    same = table[table["variant"] == "ce-linear"].assign(variant="ce-mlp2")  # identical to the baseline
+    result = versus_baseline(pd.concat([table, same]), "ce-linear", n_boot=200)
+    assert list(result["variant"]) == ["bce-linear", "ce-mlp2"]
+    better = result.iloc[0]
+    assert better["mean_diff"] == pytest.approx(0.3) and better["ci_low"] == pytest.approx(0.3)
+    assert bool(better["significant"]) and better["n"] == 12
+    tie = result.iloc[1]
+    assert tie["mean_diff"] == 0.0 and not bool(tie["significant"])
+    assert versus_baseline(table, "ce-mlp3").empty
 
 
 def test_metric_order_groups_families() -> None:

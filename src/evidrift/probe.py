@@ -30,7 +30,9 @@ clipped at 0 — the reference's order):
 Outputs (run directory): ``probe.parquet`` (one row per arch, variant, method, unit, metric),
 ``probe_summary.csv`` (mean and bootstrap CI), ``probe_pairs.csv`` (paired Wilcoxon tests between
 variants on shared units, Holm-corrected), ``probe_pool.csv`` (the grid pool's size per class),
-``figures/probe_*.png``; heads under ``probe/{arch}/{variant}/head.safetensors`` (reused by a rerun).
+``probe_vs_baseline.csv`` (every variant against ``ce-linear``: paired mean difference, bootstrap CI,
+Wilcoxon, Holm), ``figures/probe_*.png``; heads under ``probe/{arch}/{variant}/head.safetensors``
+(reused by a rerun).
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ from evidrift.distributed import Context
 from evidrift.metrics import complexity, localization
 from evidrift.probe_grids import GridSpec, reference_postprocess, sample_grids, tile_grid
 from evidrift.probe_heads import PROBE_HEADS, ProbeNet, build_probe_head, channel_scale
-from evidrift.probe_stats import summarize_probe
+from evidrift.probe_stats import summarize_probe, versus_baseline
 from evidrift.train import determinism, image_size_for, lr_at, stage_hash, train_stage, uses_stage0
 
 logger = logging.getLogger("evidrift.probe")
 
 LOSSES: tuple[str, ...] = ("ce", "bce")
+#: The variant every other is compared with in ``probe_vs_baseline.csv`` (the paper's baseline probe).
+BASELINE = "ce-linear"
 HEADS: tuple[str, ...] = tuple(PROBE_HEADS)
 
 
@@ -509,6 +513,7 @@ PROBE_FILES: dict[str, str] = {
     "summary": "probe_summary.csv",
     "pairs": "probe_pairs.csv",
     "pool": "probe_pool.csv",
+    "baseline": "probe_vs_baseline.csv",
     "work": "probe",
 }
 
@@ -748,6 +753,10 @@ def run_probe(
     summary, pairs = summarize_probe(table, config)
     write_csv_atomic(paths.root / PROBE_FILES["summary"], summary)
     write_csv_atomic(paths.root / PROBE_FILES["pairs"], pairs)
+    baseline = versus_baseline(
+        table, BASELINE, config.stats.n_boot, config.stats.ci, config.stats.seed, config.stats.alpha
+    )
+    write_csv_atomic(paths.root / PROBE_FILES["baseline"], baseline)
     return summary, pairs
 
 
