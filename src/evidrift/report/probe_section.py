@@ -222,6 +222,19 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
             if not figure.is_file():
                 write_probe_figures(summary[summary["arch"] == arch], figures)
             parts.append(_img(figure, f"head probing figure for {arch}"))
+        baseline_file = root / PROBE_FILES["baseline"]
+        if baseline_file.is_file():
+            versus = pd.read_csv(baseline_file)
+            local = versus[versus["metric"].str.split("@").str[0].isin(["gridpg", "energy_pointing_game"])]
+            if len(local):
+                parts.append(
+                    "<p>Every variant against the CE-linear probe (paired mean difference, variant &minus; "
+                    "ce-linear, with its 95% bootstrap CI; Wilcoxon, Holm over the variants): GridPG and "
+                    "energy pointing game.</p>"
+                )
+                cols = ["arch", "method", "metric", "variant", "n", "mean_diff", "ci_low", "ci_high"]
+                cols.append("p_holm")
+                parts.append(_table(cols, [[_cell(r[c]) for c in cols] for _, r in local.iterrows()]))
         pairs_file = root / PROBE_FILES["pairs"]
         if pairs_file.is_file():
             pairs = pd.read_csv(pairs_file)
