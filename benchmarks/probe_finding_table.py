@@ -1,5 +1,6 @@
 """Print the probe table of a run (markdown): variants × methods × GridPG 2×2 / 3×3 and energy pointing game,
-mean [95% bootstrap CI], and each variant's paired difference to the CE-linear probe (Wilcoxon, Holm).
+mean [95% bootstrap CI], and each variant's paired mean difference Δ to the CE-linear probe (\\* = Wilcoxon
+signed-rank test significant after Holm over the variants, p < 0.05; the CIs of Δ: probe_vs_baseline.csv).
 
     PYTHONPATH=src python benchmarks/probe_finding_table.py runs/probe-finding
 """
@@ -52,7 +53,7 @@ def main(run: Path) -> None:
                     cells.append("n/a")
                     continue
                 row = hit.iloc[0]
-                text = f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={int(row['n'])})"
+                text = f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
                 diff = versus[
                     (versus["method"] == method)
                     & (versus["variant"] == variant)
@@ -60,9 +61,8 @@ def main(run: Path) -> None:
                 ]
                 if len(diff):
                     d = diff.iloc[0]
-                    star = " **sig**" if bool(d["significant"]) else ""
-                    ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-                    text += f"; Δ {d['mean_diff']:+.3f} {ci} p_Holm {d['p_holm']:.2g}{star}"
+                    star = "\\*" if bool(d["significant"]) else ""
+                    text += f" Δ {d['mean_diff']:+.3f}{star}"
                 cells.append(text)
             print(f"| {method} | {variant} | " + " | ".join(cells) + " |")
 
