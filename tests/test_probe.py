@@ -290,8 +290,11 @@ def test_layer_maps_on_cached_activations_equal_the_whole_models() -> None:
     with CAMEngine(net, ["features"]) as engine:
         relu = engine(x, targets, methods=["gradcam"]).maps["gradcam"]
     assert _relative_gap(torch.relu(signed), relu) < 1e-5
-    at_reference = signed_gradcam(net, "backbone.layer4.0.conv2", x, targets)
+    at_reference = signed_gradcam(net, "backbone.layer4.0.conv2", x, targets)  # inside the last block
     assert at_reference.shape == acts.shape[:1] + acts.shape[2:]
+    with CAMEngine(net, ["backbone.layer4.0.conv2"]) as engine:
+        engine_map = engine(x, targets, methods=["gradcam"]).maps["gradcam"]
+    assert _relative_gap(torch.relu(at_reference), engine_map) < 1e-5
 
 
 # --- training -----------------------------------------------------------------------------------------------
