@@ -85,7 +85,7 @@ def store_names(methods: Sequence[str], layers: Sequence[str] | dict[str, str]) 
     names: dict[Any, str] = {}
     for method in methods:
         spec = method_spec(method)
-        at_input = spec.kind == "input" or method in ("integrated_gradients", "smoothgrad")
+        at_input = spec.kind == "input" or method in ("integrated_gradients", "smoothgrad", "lrp")
         if method.startswith(FUSION_PREFIX) or at_input or len(layers) == 1:
             names[method] = method
         else:

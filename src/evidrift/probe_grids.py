@@ -1,6 +1,6 @@
-"""The GridPG inputs of the probing study: n × n grids that tile test images of different classes into
-one input, their cells, and the smoothing applied to maps before they are scored
-(``metrics.localization.gridpg``)."""
+"""The GridPG inputs of the probing study: n × n grids that concatenate full-size test images of different
+classes into one n·S-pixel input (as the reference's ``create_point_grid_dataset.py``), their cells, and the
+smoothing applied to the signed maps before they are clipped and scored (``metrics.localization.gridpg``)."""
 
 from __future__ import annotations
 
@@ -32,29 +32,23 @@ def cell_masks(height: int, width: int, n: int) -> torch.Tensor:
 
 
 def tile_grid(images: torch.Tensor, cells: Sequence[int], n: int, fill: float = 0.0) -> torch.Tensor:
-    """One n × n grid input: image i [3, S, S] downscaled (bilinear, antialiased) into cell ``cells[i]``.
-
-    images [m, 3, H, W] float32 (m ≤ n², already normalized) → [3, H, W]; cells without an image hold
-    ``fill``. Cells are row-major (``cell_masks``); ``cells`` must be distinct.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be [m, 3, H, W], got shape {tuple(images.shape)}")
+    """One n × n grid input at full resolution, as the reference builds it (images concatenated, not resized):
+    image i [C, S, S] goes to cell ``cells[i]``, so the grid is [C, n·S, n·S] and every cell is exactly one
+    image. images [m, C, S, S] float32 (m ≤ n², already normalized); cells without an image hold ``fill``.
+    Cells are row-major (``cell_masks``); ``cells`` must be distinct."""
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be square [m, C, S, S], got shape {tuple(images.shape)}")
     if (
         len(set(cells)) != len(cells)
         or len(cells) != images.shape[0]
         or not all(0 <= c < n * n for c in cells)
     ):
         raise ValueError(f"cells {list(cells)} must be {images.shape[0]} distinct indices in [0, {n * n})")
-    _, channels, height, width = images.shape
-    rows, cols = cell_edges(height, n), cell_edges(width, n)
-    grid = torch.full((channels, height, width), float(fill), dtype=images.dtype)
+    _, channels, side, _ = images.shape
+    grid = torch.full((channels, n * side, n * side), float(fill), dtype=images.dtype)
     for image, cell in zip(images, cells, strict=True):
         r, c = divmod(cell, n)
-        h, w = rows[r + 1] - rows[r], cols[c + 1] - cols[c]
-        small = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[
-            0
-        ]
-        grid[:, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = small
+        grid[:, r * side : (r + 1) * side, c * side : (c + 1) * side] = image
     return grid
 
 
@@ -97,15 +91,17 @@ def sample_grids(
 
 
 def smooth_maps(maps: torch.Tensor, kernel: int) -> torch.Tensor:
-    """k × k average pooling with stride 1 (edges averaged over the valid pixels): [N, H, W] → [N, H, W].
-
-    ``kernel`` odd; 1 returns the maps unchanged (as in the "How to Probe" GridPG code, k = 5).
-    """
+    """k × k average pooling with stride 1 and zero padding k // 2, the padded zeros counted (the reference's
+    ``F.avg_pool2d(map, 5, padding=2, stride=1)``): [N, H, W] → [N, H, W]. Applied to *signed* maps before
+    their negative values are clipped. ``kernel`` odd; 1 returns the maps unchanged."""
     if kernel == 1:
         return maps
     if kernel % 2 == 0:
         raise ValueError(f"smoothing kernel must be odd, got {kernel}")
-    pooled = F.avg_pool2d(
-        maps[:, None].float(), kernel, stride=1, padding=kernel // 2, count_include_pad=False
-    )
-    return pooled[:, 0]
+    return F.avg_pool2d(maps[:, None].float(), kernel, stride=1, padding=kernel // 2)[:, 0]
+
+
+def reference_postprocess(maps: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The reference's order for GridPG and entropy: smooth the signed maps [N, H, W] (``smooth_maps``), then
+    clip negative values to 0. float32 [N, H, W] ≥ 0."""
+    return smooth_maps(maps.float(), kernel).clamp_min(0.0)

@@ -20,6 +20,8 @@ PROBE_METRICS: tuple[str, ...] = (
     "pointing_game",
     "entropy",
     "gini",
+    "grid_entropy",
+    "grid_gini",
 )
 #: Localization metrics (higher is better) used to name the best variant.
 LOCALIZATION_METRICS: tuple[str, ...] = ("gridpg", "energy_pointing_game", "pointing_game")
@@ -79,6 +81,69 @@ def paired_variant_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFra
         "p_holm",
         "significant",
     ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def versus_baseline(
+    table: pd.DataFrame,
+    baseline: str,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Every variant against ``baseline`` (the paper's question: does a BCE / MLP / B-cos probe beat the
+    CE-linear one?), per (arch, method, metric), on the units both scored: the mean paired difference
+    (variant − baseline) with its seeded percentile-bootstrap CI, the Wilcoxon signed-rank p and its Holm
+    correction over the variants compared within each (arch, method, metric). Columns: arch, method, metric,
+    variant, baseline, n, mean_diff, ci_low, ci_high, p, p_holm, significant. Empty when ``baseline`` is not
+    in the table."""
+    columns = [
+        "arch",
+        "method",
+        "metric",
+        "variant",
+        "baseline",
+        "n",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "p",
+        "p_holm",
+        "significant",
+    ]
+    rows: list[dict[str, object]] = []
+    for (arch, method, metric), part in table.groupby(["arch", "method", "metric"], sort=False):
+        wide = part.pivot_table(
+            index="unit_id", columns="variant", values="value", aggfunc="first", dropna=False
+        )
+        if baseline not in wide:
+            continue
+        family = []
+        for variant in dict.fromkeys(part["variant"]):
+            if variant == baseline:
+                continue
+            pair = wide[[variant, baseline]].dropna()
+            diff = (pair[variant] - pair[baseline]).to_numpy(dtype=np.float64)
+            low, high = stats.bootstrap_ci(diff, n_boot, ci, seed)
+            family.append(
+                {
+                    "arch": arch,
+                    "method": method,
+                    "metric": metric,
+                    "variant": variant,
+                    "baseline": baseline,
+                    "n": len(pair),
+                    "mean_diff": float(diff.mean()) if len(diff) else np.nan,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p": stats.wilcoxon_p(pair[variant].to_numpy(), pair[baseline].to_numpy()),
+                }
+            )
+        for row, p_holm in zip(family, stats.holm([r["p"] for r in family]), strict=True):
+            row["p_holm"] = float(p_holm)
+            row["significant"] = bool(p_holm < alpha)
+        rows += family
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -421,7 +421,10 @@ class CAMEngine:
                 ]
                 results[name if single else (layer, name)] = cams[0] if T == 1 else torch.stack(cams, dim=1)
             return results
-        if name == "integrated_gradients":
+        own = method_spec(name).fn  # a perturbation method with its own function (lrp)
+        if own is not None:
+            cams = [own(self.model, x, idx[:, t], score) for t in range(T)]
+        elif name == "integrated_gradients":
             cams = [
                 perturbation.integrated_gradients(
                     self.model, x, idx[:, t], score, self.ig_steps, self.chunk_size

@@ -126,6 +126,13 @@ def input_x_gradient_map(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.relu((x * dx).sum(dim=1))
 
 
+def _lrp(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, score: str) -> torch.Tensor:
+    """LRP (zennit ``EpsilonPlusFlat``): ReLU(Σ_c relevance_c) [B, H, W] ≥ 0 (``evidrift.cam.lrp``)."""
+    from evidrift.cam.lrp import lrp_map
+
+    return lrp_map(model, x, target, score)
+
+
 LayerMethod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 InputMethod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -133,7 +140,8 @@ InputMethod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class MethodSpec:
     """One registered method. ``kind``: ``layer`` (f(A, G) at a target layer), ``input`` (f(x, dx) at the
-    input), or ``perturbation`` (own forwards, evidrift.cam.perturbation). ``needs_grad``: needs G or dx."""
+    input), or ``perturbation`` (own forwards, evidrift.cam.perturbation; with ``fn`` set:
+    fn(model, x, target [B], score) → [B, H, W], e.g. ``lrp``). ``needs_grad``: needs G or dx."""
 
     name: str
     kind: str
@@ -157,6 +165,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("scorecam", "perturbation", False),
         MethodSpec("integrated_gradients", "perturbation", True),
         MethodSpec("smoothgrad", "perturbation", True),
+        MethodSpec("lrp", "perturbation", True, _lrp),
     )
 }
 
@@ -182,6 +191,7 @@ ALIASES: dict[str, str] = {
     "integratedgradients": "integrated_gradients",
     "integrated-gradients": "integrated_gradients",
     "smooth-grad": "smoothgrad",
+    "epsilon_plus_flat": "lrp",
 }
 
 

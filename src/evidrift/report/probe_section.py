@@ -178,7 +178,7 @@ def probe_table(summary: pd.DataFrame, arch: str, method: str) -> tuple[list[str
             row.append(_fmt(*hit[["mean", "ci_low", "ci_high"]].iloc[0].tolist()) if len(hit) else "n/a")
         rows.append(row)
     for j, metric in enumerate(metrics, start=1):
-        if metric in ("entropy", "gini"):
+        if metric.split("@")[0] in ("entropy", "gini", "grid_entropy", "grid_gini"):
             continue
         part = frame[frame["metric"] == metric].set_index("variant")["mean"].reindex(variants)
         if part.notna().any():
@@ -201,9 +201,18 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
         parts.append(
             "<p>Heads trained on one frozen backbone with the same budget and seed; each cell is the mean "
             "[95% bootstrap CI]. gridpg@n: share of the smoothed map's positive mass inside the target's "
-            "cell of an n&times;n grid (chance 1/n&sup2;); pointing games against the lesion masks. "
-            "Bold: best variant per metric.</p>"
+            "cell of an n&times;n grid of full-size images (chance 1/n&sup2;); pointing games against the "
+            "lesion masks. Bold: best variant per metric.</p>"
         )
+        pool_file = root / PROBE_FILES["pool"]
+        if pool_file.is_file():
+            pool = pd.read_csv(pool_file)
+            cols = ["arch", "class", "n_test", "n_pool"]
+            parts.append(
+                "<p>Grid pool: test images that every variant classifies correctly with confidence "
+                "&ge; the threshold (n_pool of n_test per class).</p>"
+            )
+            parts.append(_table(cols, [[_cell(r[c]) for c in cols] for _, r in pool.iterrows()]))
         for arch in sorted(summary["arch"].unique()):
             for method in [m for m in dict.fromkeys(summary["method"]) if m != "-"]:
                 header, rows, bold = probe_table(summary, arch, method)
@@ -213,6 +222,19 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
             if not figure.is_file():
                 write_probe_figures(summary[summary["arch"] == arch], figures)
             parts.append(_img(figure, f"head probing figure for {arch}"))
+        baseline_file = root / PROBE_FILES["baseline"]
+        if baseline_file.is_file():
+            versus = pd.read_csv(baseline_file)
+            local = versus[versus["metric"].str.split("@").str[0].isin(["gridpg", "energy_pointing_game"])]
+            if len(local):
+                parts.append(
+                    "<p>Every variant against the CE-linear probe (paired mean difference, variant &minus; "
+                    "ce-linear, with its 95% bootstrap CI; Wilcoxon, Holm over the variants): GridPG and "
+                    "energy pointing game.</p>"
+                )
+                cols = ["arch", "method", "metric", "variant", "n", "mean_diff", "ci_low", "ci_high"]
+                cols.append("p_holm")
+                parts.append(_table(cols, [[_cell(r[c]) for c in cols] for _, r in local.iterrows()]))
         pairs_file = root / PROBE_FILES["pairs"]
         if pairs_file.is_file():
             pairs = pd.read_csv(pairs_file)
