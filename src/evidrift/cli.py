@@ -629,11 +629,13 @@ def probe(
     out: ProbingOut = None,
     progress: ProbingProgress = True,
 ) -> None:
-    """Head probing study: heads {ce, bce} x {linear, linear_nobias, mlp2, mlp3} on one frozen backbone,
-    each explained and scored (accuracy, GridPG, pointing games against the lesion masks, entropy, Gini).
+    """Head probing study ("How to Probe"): heads {ce, bce} x {linear, linear_nobias, per-position mlp2/mlp3,
+    B-cos bcos1-3} on one frozen backbone, each explained (signed Grad-CAM at the reference layer,
+    Input x Gradient, Integrated Gradients, LRP, B-cos) and scored (accuracy, GridPG on full-resolution
+    grids, pointing games against the lesion masks, entropy, Gini).
 
-    Writes probe.parquet, probe_summary.csv, probe_pairs.csv and figures/probe_*.png into the run directory;
-    `evidrift report` includes them. Resumable: trained heads are reused."""
+    Writes probe.parquet, probe_summary.csv, probe_pairs.csv, probe_pool.csv, probe_vs_baseline.csv and
+    figures/probe_*.png into the run directory; `evidrift report` includes them. Trained heads are reused."""
     from rich.table import Table
 
     from evidrift.artifacts import RunPaths
