@@ -45,7 +45,16 @@ def test_stage1_and_stage2_of_the_three_architectures(tmp_path: Path) -> None:
             "models": entries,
             "train": {
                 "stage1": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "cache_features": False},
-                "stage2": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2},
+                # Random-init backbones and two steps per stage: the losses say nothing about training
+                # (inceptionv3's stage-1 train loss is ~1.7e3), so the divergence guard, which stopped
+                # stage 2 here (densenet201 val_loss 1.6 → 66), is off; it is tested in
+                # test_silent_failures.py. This test is about the plumbing of the three architectures.
+                "stage2": {
+                    "epochs": 1,
+                    "batch_size": 4,
+                    "max_steps_per_epoch": 2,
+                    "divergence_factor": None,
+                },
             },
             "stats": {"n_boot": 100},
             "output": {"dir": str(tmp_path / "run")},
