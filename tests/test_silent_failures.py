@@ -254,9 +254,10 @@ def test_divergence_rule() -> None:
     assert divergence(record(2.0, float("inf")), state, None) == "val_loss is inf"
     assert divergence(record(2.0, float("nan"), auroc=[]), state, 10.0) is None  # no val split: not a loss
     start = {"train_loss": 0.5, "val_loss": 1.0}
-    assert divergence(record(4.9, 1.0), state, 10.0, start) is None
-    assert divergence(record(5.5, 1.0), state, 10.0, start) == (
-        "train_loss 5.5 is 11.0x the starting checkpoint's 0.5 (divergence_factor 10)"
+    # vs the starting checkpoint: the val loss only (its train loss came from other inputs)
+    assert divergence(record(10.9, 1.2), state, 10.0, start) is None
+    assert divergence(record(1.0, 11.0), state, 10.0, start) == (
+        "val_loss 11 is 11.0x the starting checkpoint's 1 (divergence_factor 10)"
     )
     state.first_train_loss, state.first_val_loss = 2.0, 1.5
     assert divergence(record(19.0, 1.5), state, 10.0, start) is None  # later epochs: vs the first epoch

@@ -17,7 +17,8 @@ with the same command resumes from the last completed epoch and ends with the sa
 CPU) as an uninterrupted run.
 
 Divergence guard: an epoch whose train or validation loss is non-finite, or above
-``divergence_factor`` × the first epoch's (the first epoch of stage 2: × stage 1's best-epoch losses)
+``divergence_factor`` × a reference: the train loss × this stage's first epoch's, the validation loss × the
+starting checkpoint's when known (stage 2: stage 1's best epoch), else × the first epoch's)
 stops the stage with ``TrainingDivergedError`` naming the stage, the epoch, the loss and the settings to
 try; that epoch is logged to ``metrics.jsonl`` but neither its weights nor its resume state are written, so
 the best weights and the resume state of the last good epoch are kept.
@@ -261,9 +262,9 @@ def divergence(
     start: dict[str, Any] | None = None,
 ) -> str | None:
     """Why the epoch of ``record`` diverged, or None: a non-finite ``train_loss`` / ``val_loss`` (an empty
-    validation split's NaN is not one), or, with ``factor``, a loss above ``factor`` × its first-epoch value
-    in ``state``; the first epoch itself is compared with ``start`` (the ``train_loss`` / ``val_loss`` of the
-    checkpoint the stage started from, when known: stage 1's for stage 2)."""
+    validation split's NaN is not one), or, with ``factor``, a train loss above ``factor`` × this stage's
+    first epoch's (in ``state``), or a val loss above ``factor`` × the val loss of ``start`` (the checkpoint
+    the stage started from, when known: stage 1's for stage 2), else × the first epoch's."""
     train_loss, val_loss = float(record["train_loss"]), float(record["val_loss"])
     has_val = not (math.isnan(val_loss) and not record.get("val_auroc"))
     if not math.isfinite(train_loss):
@@ -272,14 +273,24 @@ def divergence(
         return f"val_loss is {val_loss}"
     if factor is None:
         return None
-    first = state.first_train_loss is None
-    references = {
-        "train_loss": (start or {}).get("train_loss") if first else state.first_train_loss,
-        "val_loss": (start or {}).get("val_loss") if first else state.first_val_loss,
-    }
-    whose = "the starting checkpoint's" if first else "the first epoch's"
-    for name, value in (("train_loss", train_loss), ("val_loss", val_loss if has_val else math.nan)):
-        reference = references[name]
+    # The validation loss is measured on the same images in eval mode before and after the stage starts, so
+    # every epoch's is compared with the starting checkpoint's when it is known (stage 2: stage 1's best
+    # epoch), else with this stage's first epoch. The train loss is compared within the stage only: the
+    # starting checkpoint's came from other inputs (stage 1: cached, unaugmented features, and the best,
+    # often overfit, epoch): the demo's inceptionv3 went from stage 1's 0.50 to 10.9 in its first stage-2
+    # epoch while its val_loss went 1.67 → 2.09, a healthy epoch.
+    start_val = (start or {}).get("val_loss")
+    usable_start = isinstance(start_val, int | float) and math.isfinite(start_val) and start_val > 0
+    checks = (
+        ("train_loss", train_loss, state.first_train_loss, "the first epoch's"),
+        (
+            "val_loss",
+            val_loss if has_val else math.nan,
+            start_val if usable_start else state.first_val_loss,
+            "the starting checkpoint's" if usable_start else "the first epoch's",
+        ),
+    )
+    for name, value, reference, whose in checks:
         if isinstance(reference, int | float) and math.isfinite(reference) and reference > 0:
             if value > factor * reference:
                 return (
