@@ -134,29 +134,26 @@ def test_parse_band_gate_metric_at_method() -> None:
         GateSpec(tolerance=-1.0).check(METHODS)
 
 
-def test_threshold_verdicts_pass_and_fail_messages() -> None:
-    summary = pd.DataFrame(
+def _js_summary(*rows: tuple[str, float, float, float]) -> pd.DataFrame:
+    """A summary.csv of arch m, metric js, n 5: one (method, mean, ci_low, ci_high) per row."""
+    return pd.DataFrame(
         [
             {
                 "arch": "m",
-                "method": "gradcam",
+                "method": method,
                 "metric": "js",
                 "n": 5,
-                "mean": 0.4,
-                "ci_low": 0.3,
-                "ci_high": 0.5,
-            },
-            {
-                "arch": "m",
-                "method": "layercam",
-                "metric": "js",
-                "n": 5,
-                "mean": 0.1,
-                "ci_low": 0.0,
-                "ci_high": 0.2,
-            },
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+            }
+            for method, mean, low, high in rows
         ]
     )
+
+
+def test_threshold_verdicts_pass_and_fail_messages() -> None:
+    summary = _js_summary(("gradcam", 0.4, 0.3, 0.5), ("layercam", 0.1, 0.0, 0.2))
     failed, passed = threshold_verdicts(summary, {}, {"js": 0.2})
     assert not failed.passed and failed.message.startswith("js under gradcam (m): mean 0.4000 > 0.2")
     assert passed.passed and passed.message.startswith("js under layercam (m): mean 0.1000 ≤ 0.2")
@@ -164,36 +161,8 @@ def test_threshold_verdicts_pass_and_fail_messages() -> None:
 
 
 def test_json_and_junit_documents() -> None:
-    summary = pd.DataFrame(
-        [
-            {
-                "arch": "m",
-                "method": "gradcam",
-                "metric": "js",
-                "n": 5,
-                "mean": 0.4,
-                "ci_low": 0.3,
-                "ci_high": 0.5,
-            },
-            {
-                "arch": "m",
-                "method": "layercam",
-                "metric": "js",
-                "n": 5,
-                "mean": np.nan,
-                "ci_low": np.nan,
-                "ci_high": np.nan,
-            },
-            {
-                "arch": "m",
-                "method": "gradcam++",
-                "metric": "js",
-                "n": 5,
-                "mean": 0.1,
-                "ci_low": 0.0,
-                "ci_high": 0.2,
-            },
-        ]
+    summary = _js_summary(
+        ("gradcam", 0.4, 0.3, 0.5), ("layercam", np.nan, np.nan, np.nan), ("gradcam++", 0.1, 0.0, 0.2)
     )
     verdicts = threshold_verdicts(summary, {}, {"js": 0.2})
     context = {"a": "/x/a.safetensors", "b": "/x/b & <c>.safetensors", "n_images": 5, "band": None}
