@@ -88,6 +88,17 @@ def test_gmm_foreground_matches_chest_distillation_on_bimodal_maps() -> None:
     assert localization.gmm_iou(torch.from_numpy(x), torch.from_numpy(blob)).min().item() > 0.5
 
 
+def test_gmm_threshold_on_a_sparse_map_matches_scikit_learn() -> None:
+    """A cone of radius 8 on 64 × 64 (95 % zeros): p10 = p90 = 0, so EM needs other starting means; the
+    midpoint then matches scikit-learn's GaussianMixture (k-means start), not the map's mean."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    cone = np.clip(1 - np.hypot(yy - 32, xx - 32) / 8, 0, None).astype(np.float32)
+    mine = localization.gmm_threshold(torch.from_numpy(cone)[None]).item()
+    gm = GaussianMixture(n_components=2, random_state=0).fit(cone.reshape(-1, 1))
+    assert mine == pytest.approx(float(np.mean(gm.means_)), abs=0.02)
+    assert mine > 2 * cone.mean()
+
+
 def test_gmm_threshold_is_the_midpoint_and_orphans_are_filtered() -> None:
     # a smooth blob: posterior > ½ would take the wide shoulder; the midpoint rule takes the core only
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")

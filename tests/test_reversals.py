@@ -202,3 +202,43 @@ def test_null_counts_are_seeded_and_per_layer() -> None:
     assert list(a.columns) == ["l", "m"] and a.to_numpy().max() <= 6 * 3
     line = R.summary_line(R.reversal_summary(found, R.reversals(found), a))
     assert "expected under no interaction" in line and "(50 permutations)" in line
+
+
+def test_a_class_stands_in_for_an_architecture_that_lacks_its_representative() -> None:
+    """gradcam ≡ xgradcam at layer l, but arch y has only xgradcam maps (a partial explain): y still takes
+    part in the class's contrasts, through its xgradcam values; non-finite values never enter a cell."""
+    n = 10
+    d = np.linspace(0, 0.01, n)
+    table = _long(
+        {
+            ("x", "gradcam"): 0.8 + d,
+            ("y", "xgradcam"): 0.6 + d,
+            ("x", "layercam"): 0.5 + d,
+            ("y", "layercam"): 0.7 + d,
+        }
+    )
+    classes: stats.Representatives = {
+        "l": {"gradcam": "gradcam", "xgradcam": "gradcam", "layercam": "layercam"}
+    }
+    found = R.contrasts(table, representatives=classes)
+    assert [(c.method_a, c.method_b, c.arch_x, c.arch_y) for c in found] == [
+        ("gradcam", "layercam", "x", "y")
+    ]
+    assert found[0].diff_a == pytest.approx(0.2) and found[0].diff_b == pytest.approx(-0.2)
+    ranked = stats.rankings(table, representatives=classes)
+    assert set(ranked[ranked["method"] == "gradcam"]["arch"]) == {"x", "y"}
+    table.loc[0, "topk_iou@0.1"] = np.inf
+    assert R.contrasts(table, representatives=classes)[0].ua.size == n - 1
+
+
+def test_equivalence_flags_read_back_from_csv_and_pair_order() -> None:
+    agreement = pd.DataFrame(
+        [
+            ("x", "l", "a", "b", "True"),
+            ("y", "l", "b", "a", "False"),  # the same pair, the other way round, not equivalent there
+            ("x", "m", "a", "b", float("nan")),
+        ],
+        columns=["arch", "layer", "method_a", "method_b", "equivalent"],
+    )
+    classes = R.equivalence_classes(agreement)
+    assert classes["l"] == {"a": "a", "b": "b"} and classes["m"] == {"a": "a", "b": "b"}

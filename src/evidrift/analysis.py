@@ -229,8 +229,12 @@ def drift_table(paths: RunPaths, settings: DriftSettings, progress: bool = True)
         table.insert(0, "id", [ids1[i] for i in keep1])
         table["analysis_size"] = size
         frames.append(table)
-    columns = [*DRIFT_KEYS, *names, "degenerate", "degenerate_reason", "analysis_size"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    if not frames:
+        raise FileNotFoundError(
+            f"the stage-1 and stage-2 maps under {paths.root / 'maps'} share no image id; rerun "
+            "`evidrift explain study.yaml` (or `evidrift run … --force explain`)"
+        )
+    return pd.concat(frames, ignore_index=True)
 
 
 DRIFT_KEYS = ["id", "arch", "method", "layer", "module", "map_set"]
@@ -364,6 +368,9 @@ def summary_rows(
         by_metric = group.set_index("metric")
         cells = [str(arch), str(layer), str(method), str(int(by_metric["n"].max()))]
         for m in present:
+            if m not in by_metric.index:
+                cells.append("–")
+                continue
             r = by_metric.loc[m]
             cells.append(f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
         rows.append(cells)

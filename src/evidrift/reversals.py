@@ -142,7 +142,8 @@ def contrasts(
                     cells = [(x, ma), (y, ma), (x, mb), (y, mb)]
                     if any(cell not in wide.columns for cell in cells):
                         continue
-                    block = wide[cells].dropna()
+                    block = wide[cells]
+                    block = block[np.isfinite(block.to_numpy(dtype=np.float64)).all(axis=1)]
                     if block.empty:
                         continue
                     s = np.stack([stability(block[cell].to_numpy(), metric) for cell in cells])
@@ -289,8 +290,11 @@ def equivalence_classes(agreement: pd.DataFrame) -> Representatives:
     for layer, part in table.groupby("layer", sort=True):
         methods = sorted(set(part["method_a"]) | set(part["method_b"]))
         parent = {m: m for m in methods}
-        for (ma, mb), pair in part.groupby(["method_a", "method_b"], sort=True):
-            if bool(pair["equivalent"].astype(bool).all()):
+        first = np.minimum(part["method_a"].astype(str), part["method_b"].astype(str))
+        second = np.maximum(part["method_a"].astype(str), part["method_b"].astype(str))
+        flags = part["equivalent"].map(lambda v: v is True or v == 1 or str(v).strip().lower() == "true")
+        for (ma, mb), pair in flags.groupby([first, second], sort=True):
+            if bool(pair.all()):
                 ra, rb = _root(parent, ma), _root(parent, mb)
                 parent[max(ra, rb)] = min(ra, rb)
         out[str(layer)] = {m: _root(parent, m) for m in methods}

@@ -248,16 +248,30 @@ def paired_tests(
 
 
 def keep_representatives(drift: pd.DataFrame, representatives: Representatives | None) -> pd.DataFrame:
-    """The rows of ``drift`` (any table with layer and method columns) whose method represents its
-    equivalence class at its layer (every row when ``representatives`` is None or names neither)."""
+    """One method per equivalence class in ``drift`` (any table with layer and method columns, optionally
+    arch): per (layer, arch) the class's representative when that architecture has it, else its first
+    present member in sorted order, renamed to the representative so that the architectures line up. Every
+    row is kept when ``representatives`` is None or names neither the layer nor the method."""
     drift = with_layer(drift)
     if not representatives:
         return drift
+    layers = drift["layer"].astype(str)
+    methods = drift["method"].astype(str)
+    heads = [representatives.get(la, {}).get(m, m) for la, m in zip(layers, methods, strict=True)]
+    archs = drift["arch"].astype(str) if "arch" in drift.columns else pd.Series("", index=drift.index)
+    present: dict[tuple[str, str, str], set[str]] = {}
+    for la, arch, m, head in zip(layers, archs, methods, heads, strict=True):
+        present.setdefault((la, arch, head), set()).add(m)
+    chosen = {
+        key: head if head in members else min(members)
+        for key, members in present.items()
+        for head in [key[2]]
+    }
     keep = [
-        representatives.get(layer, {}).get(method, method) == method
-        for layer, method in zip(drift["layer"], drift["method"], strict=True)
+        chosen[(la, arch, head)] == m for la, arch, m, head in zip(layers, archs, methods, heads, strict=True)
     ]
-    return drift[np.asarray(keep, dtype=bool)]
+    out = drift.assign(method=heads)
+    return out[np.asarray(keep, dtype=bool)]
 
 
 def stability_scores(drift: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:

@@ -15,7 +15,8 @@ those that need a background).
   denominator is 0.
 - ``gmm_iou`` / ``gmm_miou`` / ``gmm_box_iou``: chest-distillation's foreground (``GMMMaskSuggestor``):
   a 1-D two-component Gaussian mixture is fitted to q's pixel values by EM (initial means at the
-  10th/90th percentiles, 100 iterations, variance floor 1e-6); the foreground is q > the midpoint of the
+  10th/90th percentiles, or at q's min and max where those coincide — a sparse map —, 100 iterations,
+  variance floor 1e-6); the foreground is q > the midpoint of the
   two component means (not the posterior > ½ rule, which gives a larger foreground on blob maps), then
   the 3 × 3 orphan-pixel filter: every interior pixel becomes 1 where the 3 × 3 mean of the binary mask
   is ≥ ½ (at least 5 of 9), border pixels keep their value. ``gmm_iou`` = IoU(foreground, mask) (the
@@ -116,6 +117,10 @@ def gmm_threshold(maps: MapsLike, iterations: int = 100, size: int | tuple[int, 
     m = maps if isinstance(maps, AnalysisMaps) else AnalysisMaps(maps, size)
     x = m.q.flatten(1).double()
     mu = torch.quantile(x, torch.tensor([0.1, 0.9], dtype=torch.float64, device=x.device), dim=1).T.clone()
+    # a sparse map (≥ 90 % zeros after the ReLU) has p10 = p90: two identical starts stay identical through
+    # EM; start those at the extremes instead (q's min 0 and max 1), as k-means would separate them
+    tied = (mu[:, 1] - mu[:, 0]) <= 1e-6
+    mu[tied, 0], mu[tied, 1] = x[tied].amin(dim=1), x[tied].amax(dim=1)
     spread = x.var(dim=1, keepdim=True).clamp_min(1e-6)
     var = spread.expand(-1, 2).clone()
     weight = torch.full_like(mu, 0.5)

@@ -580,7 +580,7 @@ def equivalence_sentences(equivalence: pd.DataFrame) -> list[str]:
         if not merged:
             out.append(f"No two methods coincide {where}: every method counts in the rankings.")
             continue
-        part = equivalence[equivalence["layer"].astype(str) == layer]
+        part = equivalence[equivalence["layer"].fillna("").astype(str) == layer]
         texts = []
         for group in merged:
             pairs = part[part["method_a"].isin(group) & part["method_b"].isin(group)]

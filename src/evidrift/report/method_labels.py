@@ -19,8 +19,10 @@ def layers_of(table: pd.DataFrame | None) -> list[str]:
 
 
 def label(method: str, layer: str, several_layers: bool) -> str:
-    """``method`` or, when the study has several layers, ``method@layer``."""
-    return f"{method}@{layer}" if several_layers and layer else method
+    """``method`` or, when the study has several layers, ``method@layer`` (``(a ≡ b)@layer`` for a class)."""
+    if not (several_layers and layer):
+        return method
+    return f"({method})@{layer}" if " ≡ " in method else f"{method}@{layer}"
 
 
 def drift_for_display(drift: pd.DataFrame) -> pd.DataFrame:
