@@ -237,7 +237,6 @@ def drift_table(paths: RunPaths, settings: DriftSettings, progress: bool = True)
     return pd.concat(frames, ignore_index=True)
 
 
-DRIFT_KEYS = ["id", "arch", "method", "layer", "module", "map_set"]
 EQUIVALENCE_COLUMNS = [
     "arch",
     "layer",
@@ -267,16 +266,24 @@ def method_agreement(
     """``EQUIVALENCE_COLUMNS`` per (arch, layer, two methods): maps of the images both methods explained,
     stage-1 and stage-2 maps pooled (the least agreeing stage decides); equivalent when max |Δ| ≤
     ``equivalence_max_diff`` (identical) or median Spearman ≥ ``equivalence_spearman``."""
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for arch, name in jobs:
-        _, _, meta = read_maps(paths, arch, 1, name)
-        method, layer, _ = _method_and_layer(name, meta)
-        groups.setdefault((arch, layer), {})[method] = name
     rows = []
-    for (arch, layer), by_method in sorted(groups.items()):
-        loaded = {
-            m: [read_maps(paths, arch, stage, name)[:2] for stage in (1, 2)] for m, name in by_method.items()
-        }
+    for arch in sorted({arch for arch, _ in jobs}):  # one architecture's maps in memory at a time
+        groups: dict[str, dict[str, list[tuple[torch.Tensor, list[str]]]]] = {}
+        for name in (n for a, n in jobs if a == arch):
+            stage1, stage2 = read_maps(paths, arch, 1, name), read_maps(paths, arch, 2, name)
+            method, layer, _ = _method_and_layer(name, stage1[2])
+            groups.setdefault(layer, {})[method] = [stage1[:2], stage2[:2]]
+        rows += _layer_agreement(arch, groups, settings)
+    return pd.DataFrame(rows, columns=EQUIVALENCE_COLUMNS)
+
+
+def _layer_agreement(
+    arch: str, groups: dict[str, dict[str, list[tuple[torch.Tensor, list[str]]]]], settings: DriftSettings
+) -> list[dict[str, object]]:
+    """``method_agreement``'s rows of one architecture: ``groups`` = layer → method → [(maps, ids) of
+    stage 1, of stage 2]."""
+    rows: list[dict[str, object]] = []
+    for layer, loaded in sorted(groups.items()):
         for ma, mb in itertools.combinations(sorted(loaded), 2):
             rhos, diffs, n = [], [], 0
             for (maps_a, ids_a), (maps_b, ids_b) in zip(loaded[ma], loaded[mb], strict=True):
@@ -312,7 +319,7 @@ def method_agreement(
                     "reason": reason,
                 }
             )
-    return pd.DataFrame(rows, columns=EQUIVALENCE_COLUMNS)
+    return rows
 
 
 def run_drift(
@@ -360,8 +367,7 @@ def summary_rows(
     summary = stats.with_layer(summary)
     if "equivalence_class" not in summary.columns:
         summary = summary.assign(equivalence_class=summary["method"])
-    label = summary["equivalence_class"].astype(str)
-    summary = summary[label.str.split(" ≡ ").str[0] == summary["method"].astype(str)]
+    summary = rev.representative_rows(summary)
     header = ["arch", "layer", "method", "n", *present]
     rows = []
     for (arch, layer, method), group in summary.groupby(["arch", "layer", "equivalence_class"], sort=True):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from evidrift import stats
 from evidrift.analysis import DriftSettings
 from evidrift.artifacts import RunPaths, write_json_atomic, write_parquet_atomic, write_text_atomic
 from evidrift.config import DEFAULT_EXPLAIN_METHODS, StudyConfig, dump_yaml, parse_config
@@ -297,7 +298,7 @@ def compare_checkpoints(
         explain_run(config, paths, key, stage, ctx=ctx, progress=False)
     settings = drift_settings(config)
     drift = run_drift(paths.root, settings, progress=False).drift
-    drift = drift.assign(method=drift["map_set"])  # the gates key map sets (method[@layer])
+    drift = stats.keyed_by_map_set(drift)  # the gates key map sets (method[@layer])
     write_localization(config, paths, settings)
     band_drift = _band(config, paths, key, a, baseline, band_kind, perturbation, settings, progress)
     context = {

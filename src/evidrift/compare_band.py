@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from evidrift import stats
 from evidrift.analysis import DriftSettings, drift_jobs, drift_table, study_analysis_size
 from evidrift.artifacts import RunPaths, read_maps, write_json_atomic, write_parquet_atomic
 from evidrift.config import StudyConfig
@@ -135,7 +136,7 @@ def baseline_drift(
     shutil.copytree(paths.maps_dir(key, 1), band.maps_dir(key, 1))
     explain_run(config, band, key, 2, ctx=distributed.setup(config.train.device), progress=False)
     drift = drift_table(band, settings, progress=False)
-    drift = drift.assign(method=drift["map_set"])  # the compare gates key map sets (method[@layer])
+    drift = stats.keyed_by_map_set(drift)  # the compare gates key map sets (method[@layer])
     write_parquet_atomic(band.drift, drift)
     write_json_atomic(band.root / "band.json", {"kind": "baseline", "a": str(a), "baseline": str(baseline)})
     return drift

@@ -131,22 +131,25 @@ def parse_band_gate(spec: str, methods: Sequence[str]) -> BandGate:
         if text.endswith("@" + method):
             return BandGate(spec, _metric(text[: -len(method) - 1], spec), method)
     head, sep, tail = text.rpartition("@")
-    if sep and not _is_number(tail):
-        try:
-            resolve_metric(head)
-        except ValueError:
-            pass
-        else:
-            raise CompareError(
-                f"--fail-beyond-band {spec!r}: method {tail!r} is not explained in this comparison "
-                f"(methods: {', '.join(methods)}); add --methods {tail} or name one of those"
-            )
+    if sep and not _is_number(tail) and _is_metric(head):
+        raise CompareError(
+            f"--fail-beyond-band {spec!r}: method {tail!r} is not explained in this comparison "
+            f"(methods: {', '.join(methods)}); add --methods {tail} or name one of those"
+        )
     return BandGate(spec, _metric(text, spec))
 
 
 def _is_number(text: str) -> bool:
     try:
         float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_metric(name: str) -> bool:
+    try:
+        resolve_metric(name)
     except ValueError:
         return False
     return True

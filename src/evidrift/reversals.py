@@ -317,6 +317,15 @@ def class_members(representatives: Representatives, layer: str, method: str) -> 
     return members or [method]
 
 
+def representative_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a summary table (columns method, equivalence_class) whose method represents its class:
+    the first name of its ``class_label``; every row when there is no ``equivalence_class`` column."""
+    if "equivalence_class" not in summary.columns:
+        return summary
+    first = summary["equivalence_class"].astype(str).str.split(" ≡ ").str[0]
+    return summary[first == summary["method"].astype(str)]
+
+
 def class_label(representatives: Representatives, layer: str, method: str) -> str:
     """'gradcam ≡ xgradcam' for a class of several methods, else the method's name."""
     return " ≡ ".join(class_members(representatives, layer, method))

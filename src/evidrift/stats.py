@@ -63,6 +63,15 @@ def with_layer(drift: pd.DataFrame) -> pd.DataFrame:
     return drift.assign(layer="")
 
 
+def keyed_by_map_set(drift: pd.DataFrame) -> pd.DataFrame:
+    """The drift table with ``method`` = its map set's name (``gradcam`` or, with several layers,
+    ``gradcam@spatial``): one key per (method, layer), for code keyed by (arch, method). Unchanged when
+    the table has no ``map_set`` column."""
+    if "map_set" not in drift.columns:
+        return drift
+    return drift.assign(method=drift["map_set"].astype(str))
+
+
 def metric_columns(drift: pd.DataFrame) -> list[str]:
     """The metric columns of a drift table (every numeric column that is not a key or flag)."""
     return [
@@ -262,11 +271,7 @@ def keep_representatives(drift: pd.DataFrame, representatives: Representatives |
     present: dict[tuple[str, str, str], set[str]] = {}
     for la, arch, m, head in zip(layers, archs, methods, heads, strict=True):
         present.setdefault((la, arch, head), set()).add(m)
-    chosen = {
-        key: head if head in members else min(members)
-        for key, members in present.items()
-        for head in [key[2]]
-    }
+    chosen = {key: key[2] if key[2] in members else min(members) for key, members in present.items()}
     keep = [
         chosen[(la, arch, head)] == m for la, arch, m, head in zip(layers, archs, methods, heads, strict=True)
     ]

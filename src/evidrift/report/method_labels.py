@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from evidrift.reversals import representative_rows
+from evidrift.stats import keyed_by_map_set
+
 
 def layers_of(table: pd.DataFrame | None) -> list[str]:
     """The layers named in a table with a ``layer`` column (``[""]`` without one), in first-seen order."""
@@ -27,9 +30,7 @@ def label(method: str, layer: str, several_layers: bool) -> str:
 
 def drift_for_display(drift: pd.DataFrame) -> pd.DataFrame:
     """The drift table with ``method`` = the map set's name (the maps-store name the map sections read)."""
-    if "map_set" in drift.columns:
-        return drift.assign(method=drift["map_set"].astype(str))
-    return drift
+    return keyed_by_map_set(drift)
 
 
 def summary_for_display(summary: pd.DataFrame, several_layers: bool) -> pd.DataFrame:
@@ -37,9 +38,7 @@ def summary_for_display(summary: pd.DataFrame, several_layers: bool) -> pd.DataF
     class label (``gradcam ≡ xgradcam``, with ``@layer`` when the study has several layers)."""
     if summary.empty or "equivalence_class" not in summary.columns:
         return summary
-    classes = summary["equivalence_class"].astype(str)
-    keep = classes.str.split(" ≡ ").str[0] == summary["method"].astype(str)
-    shown = summary[keep].copy()
+    shown = representative_rows(summary).copy()
     layers = shown["layer"].fillna("").astype(str) if "layer" in shown.columns else pd.Series("", shown.index)
     shown["method"] = [
         label(c, layer, several_layers) for c, layer in zip(shown["equivalence_class"], layers, strict=True)
