@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from evidrift.cam import CAMEngine  # evidrift first: timm and pytorch_grad_cam import torchvision (compat)
+from evidrift.cam import CAMEngine
 
 LAYERS = {"densenet201": "features.norm5", "resnetv2_50": "norm", "inception_v3": "Mixed_7c"}
 METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "gradcam_elementwise"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 import evidrift  # noqa: F401
-from evidrift.probe import BASELINE, PROBE_FILES
-from evidrift.probe_stats import versus_baseline
+from evidrift.studies.probe.stats import versus_baseline
+from evidrift.studies.probe.study import BASELINE, PROBE_FILES
 
 METRICS = ("gridpg@2", "gridpg@3", "energy_pointing_game")
 

@@ -1,7 +1,7 @@
 """Training throughput per architecture: stage 1 with cached features vs frozen-backbone epochs, and stage 2.
 
 For each architecture, the same phantom data and the same random backbone (a local weights file, so stage 0
-is skipped) go through ``evidrift.train.train_stage``:
+is skipped) go through ``evidrift.classifier.training.train_stage``:
 
 - stage 1 uncached: every epoch runs the frozen backbone forward on every train and val image;
 - stage 1 cached (``cache_features: true``): one backbone pass over train and val, then the head trains on
@@ -33,11 +33,12 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.artifacts import RunPaths, read_jsonl
-from evidrift.config import StudyConfig, parse_config
+from evidrift.classifier import models
+from evidrift.classifier.training import train_stage
+from evidrift.core.io import read_jsonl
+from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest, prepare_data
-from evidrift.train import train_stage
+from evidrift.studies.config import StudyConfig, parse_config
 
 SIZES = {"inceptionv3": 80}  # inception_v3 needs >= 75 px
 

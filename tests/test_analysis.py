@@ -8,9 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401
-from evidrift.analysis import DriftSettings, run_drift
-from evidrift.artifacts import RunPaths, write_maps_shard
-from evidrift.cli import app
+from evidrift.cli.app import app
+from evidrift.core.maps_store import write_maps_shard
+from evidrift.core.paths import RunPaths
+from evidrift.studies.drift.analysis import DriftSettings, run_drift
 
 METRICS = ["spearman", "ssim", "topk_iou@0.1", "centroid_shift", "js", "gini_change"]
 

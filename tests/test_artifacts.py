@@ -10,19 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from evidrift.artifacts import (
-    RunPaths,
+from evidrift.core.io import (
     append_jsonl,
     atomic_path,
     config_hash,
-    maps_shards,
     read_jsonl,
-    read_maps,
-    stored_methods,
     write_json_atomic,
-    write_maps_shard,
     write_parquet_atomic,
 )
+from evidrift.core.maps_store import maps_shards, read_maps, stored_methods, write_maps_shard
+from evidrift.core.paths import RunPaths
 from evidrift.metrics.drift import topk_iou
 
 

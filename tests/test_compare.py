@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.cli import app
-from evidrift.compare import CompareError, check_compatible, check_gates
-from evidrift.config import HeadConfig
+from evidrift.classifier.config import HeadConfig
+from evidrift.classifier.models import build_model, default_cam_layers, get_head, save_checkpoint
+from evidrift.cli.app import app
 from evidrift.data.phantom import CLASSES
-from evidrift.models import build_model, default_cam_layers, get_head, save_checkpoint
+from evidrift.studies.compare.study import CompareError, check_compatible, check_gates
 
 runner = CliRunner()
 

@@ -27,13 +27,13 @@ from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
 from evidrift.cam import CAMEngine
-from evidrift.cli import app
-from evidrift.compare_gates import BandGate, band_verdicts
-from evidrift.config import HeadConfig
+from evidrift.classifier.config import HeadConfig
+from evidrift.classifier.models import build_model, default_cam_layers, save_checkpoint
+from evidrift.cli.app import app
 from evidrift.data.dataset import ManifestDataset
 from evidrift.data.phantom import CLASSES, generate_phantom_set
 from evidrift.metrics.drift import compare
-from evidrift.models import build_model, default_cam_layers, save_checkpoint
+from evidrift.studies.compare.gates import BandGate, band_verdicts
 
 ARCH, SIZE, EPOCHS, N_TRAIN, N_EVAL = "test_resnet", 96, 10, 150, 40
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

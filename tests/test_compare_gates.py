@@ -14,9 +14,8 @@ import torch
 from scipy import stats as sps
 
 from evidrift import stats
-from evidrift.compare import CompareError
-from evidrift.compare_band import Perturbation, draw_perturbation, perturb, shift_images
-from evidrift.compare_gates import (
+from evidrift.studies.compare.band import Perturbation, draw_perturbation, perturb, shift_images
+from evidrift.studies.compare.gates import (
     BandGate,
     GateSpec,
     band_verdicts,
@@ -25,8 +24,9 @@ from evidrift.compare_gates import (
     parse_band_gate,
     threshold_verdicts,
 )
-from evidrift.compare_verdicts import exit_code, junit_xml, verdicts_document
-from evidrift.compare_where import drift_by_class, most_drifted
+from evidrift.studies.compare.study import CompareError
+from evidrift.studies.compare.verdicts import exit_code, junit_xml, verdicts_document
+from evidrift.studies.compare.where import drift_by_class, most_drifted
 
 METHODS = ["gradcam++", "layercam", "gradcam", "xgradcam"]
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from evidrift import _compat
+from evidrift.core import compat as _compat
 
 _PROBE = textwrap.dedent(
     """
@@ -20,7 +20,7 @@ _PROBE = textwrap.dedent(
     import timm
     import torchvision
     import torch
-    from evidrift import _compat
+    from evidrift.core import compat as _compat
 
     extension = _compat.torchvision_extension_path()
     try:

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from evidrift.cli import app
-from evidrift.config import ConfigError, load_config, parse_config, study_hash
+from evidrift.cli.app import app
+from evidrift.core.config import ConfigError
+from evidrift.studies.config import load_config, parse_config, study_hash
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -141,7 +142,7 @@ def test_phantoms_cli_writes_the_set(tmp_path: Path) -> None:
 
 
 def test_a_run_directory_config_yaml_loads_back(tmp_path) -> None:
-    from evidrift.config import dump_yaml, load_config, parse_config, study_hash
+    from evidrift.studies.config import dump_yaml, load_config, parse_config, study_hash
 
     config = parse_config({"seed": 3})
     (tmp_path / "config.yaml").write_text(dump_yaml(config))

@@ -21,10 +21,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.artifacts import RunPaths, read_jsonl
-from evidrift.config import load_config
-from evidrift.train import train_study
+from evidrift.classifier import models
+from evidrift.classifier.training import train_study
+from evidrift.core.io import read_jsonl
+from evidrift.core.paths import RunPaths
+from evidrift.studies.config import load_config
 
 
 def _free_port() -> int:

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.artifacts import RunPaths
-from evidrift.cli import app
+from evidrift.cli.app import app
+from evidrift.core.paths import RunPaths
 from evidrift.metrics.drift import default_metric_names
-from evidrift.presets import DEMO_LAYERS, DEMO_METHODS, demo_config
-from evidrift.study import STEPS, read_marker, step_hashes
+from evidrift.studies.drift.presets import DEMO_LAYERS, DEMO_METHODS, demo_config
+from evidrift.studies.drift.study import STEPS, read_marker, step_hashes
 
 
 @pytest.mark.integration

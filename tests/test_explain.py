@@ -12,12 +12,15 @@ import torch
 from PIL import Image
 
 import evidrift  # noqa: F401
-from evidrift.artifacts import RunPaths, maps_shards, read_maps, read_maps_shard, write_parquet_atomic
 from evidrift.cam import CAMEngine
-from evidrift.config import HeadConfig, parse_config
-from evidrift.distributed import Context
-from evidrift.explain import explain_run, select_samples
-from evidrift.models import build_model, save_checkpoint
+from evidrift.classifier.config import HeadConfig
+from evidrift.classifier.models import build_model, save_checkpoint
+from evidrift.core.distributed import Context
+from evidrift.core.io import write_parquet_atomic
+from evidrift.core.maps_store import maps_shards, read_maps, read_maps_shard
+from evidrift.core.paths import RunPaths
+from evidrift.studies.config import parse_config
+from evidrift.studies.drift.explain import explain_run, select_samples
 
 CLASSES = ["a", "b", "c"]
 N_TEST = 9
@@ -117,8 +120,8 @@ def test_explain_run_writes_resumable_store(tmp_path):
     assert meta["layer"] == "layer3" and json.loads(meta["input_size"]) == [64, 64]
     assert json.loads(meta["targets"]) == [int(i[2:]) % 3 for i in expected_ids[4:]]  # last shard: the labels
     # the stored maps are the engine's maps of the same preprocessed images
+    from evidrift.classifier.models import load_checkpoint
     from evidrift.data.dataset import ManifestDataset
-    from evidrift.models import load_checkpoint
 
     model, ck = load_checkpoint(paths.checkpoint("test_resnet", 1))
     frame = pd.read_parquet(paths.manifest)
@@ -168,7 +171,7 @@ def test_cli_explain(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from evidrift.cli import app
+    from evidrift.cli.app import app
 
     config, paths = make_run(tmp_path / "run")
     study = tmp_path / "study.yaml"

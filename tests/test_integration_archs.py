@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.artifacts import RunPaths
-from evidrift.config import parse_config
+from evidrift.classifier import models
+from evidrift.classifier.training import evaluate_study, train_study
+from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
-from evidrift.train import evaluate_study, train_study
+from evidrift.studies.config import parse_config
 
 pytestmark = pytest.mark.integration
 

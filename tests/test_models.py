@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.config import HeadConfig
+from evidrift.classifier import models
+from evidrift.classifier.config import HeadConfig
 
 
 @pytest.fixture(autouse=True)

@@ -11,12 +11,24 @@ import pytest
 import torch
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.artifacts import RunPaths
 from evidrift.cam import CAMEngine
-from evidrift.config import ConfigError, parse_config
+from evidrift.classifier import models
+from evidrift.core.config import ConfigError
+from evidrift.core.paths import RunPaths
 from evidrift.metrics.localization import gridpg
-from evidrift.probe import (
+from evidrift.studies.config import parse_config
+from evidrift.studies.probe.attributions import input_x_gradient, integrated_gradients, signed_gradcam
+from evidrift.studies.probe.grids import (
+    cell_edges,
+    cell_masks,
+    reference_postprocess,
+    sample_grids,
+    smooth_maps,
+    tile_grid,
+)
+from evidrift.studies.probe.heads import ProbeNet, build_probe_head, channel_scale
+from evidrift.studies.probe.stats import best_variants, metric_order, paired_variant_tests, versus_baseline
+from evidrift.studies.probe.study import (
     PROBE_FILES,
     CachedSplit,
     ProbeVariant,
@@ -32,17 +44,6 @@ from evidrift.probe import (
     signed_maps,
     trained_head,
 )
-from evidrift.probe_attributions import input_x_gradient, integrated_gradients, signed_gradcam
-from evidrift.probe_grids import (
-    cell_edges,
-    cell_masks,
-    reference_postprocess,
-    sample_grids,
-    smooth_maps,
-    tile_grid,
-)
-from evidrift.probe_heads import ProbeNet, build_probe_head, channel_scale
-from evidrift.probe_stats import best_variants, metric_order, paired_variant_tests, versus_baseline
 
 
 # --- variants, config, losses -------------------------------------------------------------------------------
@@ -190,8 +191,8 @@ def test_reference_heads_follow_the_reference_structure() -> None:
 
 
 def test_bcos_unit_and_its_explanation_are_exact() -> None:
-    from evidrift.bcos import BcosConv2d1x1
-    from evidrift.probe_attributions import bcos_map
+    from evidrift.studies.probe.attributions import bcos_map
+    from evidrift.studies.probe.bcos import BcosConv2d1x1
 
     unit = BcosConv2d1x1(2, 1)
     with torch.no_grad():
@@ -397,7 +398,7 @@ def test_probing_config_needs_exactly_one_source(tmp_path: Path) -> None:
 
 # --- end to end ---------------------------------------------------------------------------------------------
 def test_run_probe_end_to_end_on_tiny_phantoms(tmp_path: Path) -> None:
-    from evidrift.report.probe_section import probe_report_section, write_probe_figures
+    from evidrift.studies.probe.report import probe_report_section, write_probe_figures
 
     config = parse_config(
         {

@@ -18,17 +18,13 @@ import pytest
 import torch
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.artifacts import (
-    RunPaths,
-    write_csv_atomic,
-    write_maps_shard,
-    write_parquet_atomic,
-    write_text_atomic,
-)
-from evidrift.config import StudyConfig, dump_yaml, parse_config
+from evidrift.core.io import write_csv_atomic, write_parquet_atomic, write_text_atomic
+from evidrift.core.maps_store import write_maps_shard
+from evidrift.core.paths import RunPaths
 from evidrift.data.phantom import CLASSES, render_phantom, to_png_bytes
-from evidrift.report import build_report
 from evidrift.report.map_sections import pick_examples
+from evidrift.studies.config import StudyConfig, dump_yaml, parse_config
+from evidrift.studies.drift.report import build_report
 
 METRICS = (
     "topk_iou@0.2",
@@ -335,7 +331,7 @@ def test_report_renders_in_headless_chromium(synthetic_report: Path, tmp_path: P
 def test_report_command(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from evidrift.cli import app
+    from evidrift.cli.app import app
 
     paths = make_synthetic_run(
         tmp_path / "run",

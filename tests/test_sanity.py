@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.config import HeadConfig
-from evidrift.sanity import (
+from evidrift.classifier import models
+from evidrift.classifier.config import HeadConfig
+from evidrift.studies.sanity.study import (
     ROOT_BLOCK,
     SIMILARITY_METRICS,
     explain_model,
@@ -155,8 +155,8 @@ def test_sanity_summary_figures_and_report_section(tmp_path: Path) -> None:
 
     import pandas as pd
 
-    from evidrift.report.probe_section import probe_report_section, write_sanity_figures
-    from evidrift.sanity import SANITY_FILES, summarize_curves
+    from evidrift.studies.probe.report import probe_report_section, write_sanity_figures
+    from evidrift.studies.sanity.study import SANITY_FILES, summarize_curves
 
     rows = []
     for step, block in enumerate(["original", "fc", "layer4"]):

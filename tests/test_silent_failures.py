@@ -25,13 +25,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.artifacts import RunPaths, write_maps_shard, write_parquet_atomic, write_text_atomic
-from evidrift.cli import app
-from evidrift.config import ConfigError, ModelConfig, StageConfig, TrainConfig, parse_config
+from evidrift.classifier.config import ModelConfig, StageConfig, TrainConfig
+from evidrift.cli.app import app
+from evidrift.core.config import ConfigError
+from evidrift.core.distributed import Context
+from evidrift.core.io import write_parquet_atomic, write_text_atomic
+from evidrift.core.maps_store import write_maps_shard
+from evidrift.core.paths import RunPaths
 from evidrift.data.readers import read_image
 from evidrift.data.sources import ManifestError, load_manifest, prepare_data, scan_class_folders
-from evidrift.distributed import Context
-from evidrift.study import STEPS, StudyError, run_study
+from evidrift.studies.config import parse_config
+from evidrift.studies.drift.study import STEPS, StudyError, run_study
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -237,13 +241,13 @@ def test_readme_table_equals_the_resolved_defaults_printed_by_validate(tmp_path:
 def test_stage2_keeps_batchnorm_statistics_by_default() -> None:
     assert TrainConfig().stage2.freeze_batchnorm is True
     assert parse_config({"train": {"stage2": {"lr": 3e-4}}}).train.stage2.freeze_batchnorm is True
-    from evidrift.config import STAGE_DEFAULTS
+    from evidrift.classifier.config import STAGE_DEFAULTS
 
     assert STAGE_DEFAULTS["stage2"]["freeze_batchnorm"] is True
 
 
 def test_divergence_rule() -> None:
-    from evidrift.train import TrainState, divergence
+    from evidrift.classifier.training import TrainState, divergence
 
     def record(train: float, val: float, auroc: list[float] | None = None) -> dict[str, Any]:
         return {"train_loss": train, "val_loss": val, "val_auroc": [0.5] if auroc is None else auroc}
@@ -282,8 +286,8 @@ class _Exploding(torch.nn.Module):
 def test_a_diverging_stage_stops_naming_epoch_loss_and_settings_keeping_the_last_good_epoch(
     tmp_path: Path,
 ) -> None:
-    from evidrift.evaluate import TensorFeed
-    from evidrift.train import StageFiles, TrainingDivergedError, fit, load_resume_state
+    from evidrift.classifier.evaluate import TensorFeed
+    from evidrift.classifier.training import StageFiles, TrainingDivergedError, fit, load_resume_state
 
     torch.manual_seed(0)
     model = _Exploding()
@@ -357,7 +361,7 @@ def test_class_folders_read_dicom_by_content_and_list_ignored_files(
     assert {"normal/IM000001", "normal/series/IM000002"} <= set(frame["path"])
     assert ignored == ["README", "normal/notes.txt", "sick/.DS_Store"]
     assert json.loads((paths.data_dir / "ignored.json").read_text()) == ignored
-    from evidrift.report.html import dataset_section
+    from evidrift.studies.drift.report import dataset_section
 
     notes = " ".join(dataset_section(paths).notes)
     assert "3 files ignored (neither images nor DICOM): README, normal/notes.txt, sick/.DS_Store" in notes
@@ -365,7 +369,7 @@ def test_class_folders_read_dicom_by_content_and_list_ignored_files(
 
 # --- 5. CSV boxes feed the localization metrics ------------------------------------------------------------
 def test_csv_boxes_give_box_iou_and_box_derived_masks(tmp_path: Path) -> None:
-    from evidrift.study import drift_settings, localization_table, write_localization
+    from evidrift.studies.drift.study import drift_settings, localization_table, write_localization
 
     paths = RunPaths.at(tmp_path / "run")
     rows = []
@@ -450,7 +454,7 @@ def test_unsafe_model_names_are_errors(name: str) -> None:
 
 
 def test_safe_model_names_and_the_path_guard(tmp_path: Path) -> None:
-    from evidrift.study import check_paths_inside
+    from evidrift.studies.drift.study import check_paths_inside
 
     assert (
         parse_config({"models": [{"arch": "resnet18", "name": "r18-v2.b_1"}]}).models[0].key == "r18-v2.b_1"
@@ -537,9 +541,9 @@ def test_compare_messages(tmp_path: Path) -> None:
 
 
 def test_compare_uses_csv_boxes_and_names_its_images_right(tiny_phantom_set: Path, tmp_path: Path) -> None:
-    from evidrift.config import HeadConfig
+    from evidrift.classifier.config import HeadConfig
+    from evidrift.classifier.models import build_model, default_cam_layers, save_checkpoint
     from evidrift.data.phantom import CLASSES
-    from evidrift.models import build_model, default_cam_layers, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("resnet18", len(CLASSES), HeadConfig(), "none").eval()

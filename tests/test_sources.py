@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from evidrift.artifacts import RunPaths
-from evidrift.config import parse_config
+from evidrift.core.paths import RunPaths
 from evidrift.data.sources import (
     MANIFEST_COLUMNS,
     ManifestError,
@@ -21,6 +20,7 @@ from evidrift.data.sources import (
     prepare_data,
     prepare_source_data,
 )
+from evidrift.studies.config import parse_config
 
 
 def _png(path: Path, size: tuple[int, int] = (8, 8), value: int = 100) -> Path:

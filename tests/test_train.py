@@ -19,17 +19,23 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift import models
-from evidrift.artifacts import RunPaths, read_jsonl
-from evidrift.config import HeadConfig, StageConfig, parse_config
-from evidrift.data.sources import load_manifest
-from evidrift.distributed import Context, epoch_batches
-from evidrift.evaluate import (
-    ImageFeed,
-    TensorFeed,
-    classification_metrics,
+from evidrift.classifier import models
+from evidrift.classifier.config import HeadConfig, StageConfig
+from evidrift.classifier.evaluate import ImageFeed, TensorFeed, classification_metrics
+from evidrift.classifier.training import (
+    StageFiles,
+    compute_loss,
+    evaluate_study,
+    fit,
+    improved,
+    lr_at,
+    train_study,
 )
-from evidrift.train import StageFiles, compute_loss, evaluate_study, fit, improved, lr_at, train_study
+from evidrift.core.distributed import Context, epoch_batches
+from evidrift.core.io import read_jsonl
+from evidrift.core.paths import RunPaths
+from evidrift.data.sources import load_manifest
+from evidrift.studies.config import parse_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -231,9 +237,9 @@ def _tiny_study_dict(out: Path) -> dict:
 KILLED_RUN = """
 import json, os, signal, sys, torch
 import evidrift
-from evidrift.artifacts import RunPaths
-from evidrift.config import parse_config
-from evidrift.train import train_study
+from evidrift.core.paths import RunPaths
+from evidrift.studies.config import parse_config
+from evidrift.classifier.training import train_study
 torch.set_num_threads(1)
 config = parse_config(json.loads(sys.argv[1]))
 
@@ -298,8 +304,8 @@ def test_fit_without_validation_keeps_the_last_epoch(tmp_path: Path) -> None:
 
 
 def test_stage_image_scale_multiplies_each_models_side() -> None:
-    from evidrift.config import ModelConfig
-    from evidrift.train import image_size_for
+    from evidrift.classifier.config import ModelConfig
+    from evidrift.classifier.training import image_size_for
 
     assert image_size_for(ModelConfig(arch="test_resnet", image_size=128), StageConfig(image_scale=0.5)) == 64
     assert image_size_for(ModelConfig(arch="inceptionv3", image_size=192), StageConfig(image_scale=0.5)) == 96
@@ -317,8 +323,8 @@ def test_stage1_standardized_head_is_folded_into_a_plain_checkpoint(
 ) -> None:
     """Stage 1 trains on standardized features; the checkpoint is a plain model whose predictions on the val
     split reproduce the val accuracy and loss logged for its best epoch."""
+    from evidrift.classifier.evaluate import predict_logits
     from evidrift.data.dataset import ManifestDataset
-    from evidrift.evaluate import predict_logits
 
     raw = _tiny_study_dict(tmp_path)
     raw["models"][0]["head"] = head

@@ -1,6 +1,6 @@
 """``python -m evidrift`` (also what ``torchrun -m evidrift`` runs)."""
 
-from evidrift.cli import app
+from evidrift.cli.app import app
 
 if __name__ == "__main__":
     app()

@@ -26,7 +26,7 @@ beside the observed count, per layer and for the whole study.
 **Equivalent methods:** at a layer that feeds global average pooling and a linear head the gradient is
 constant over space per channel, so gradcam ≡ xgradcam ≡ hirescam and gradcam++ ≈ layercam. The drift step
 measures the agreement of every two methods' maps per (arch, layer) (``agreement`` in
-``evidrift.analysis``); ``equivalence_classes`` joins the pairs that coincide for every architecture of a
+``studies.drift.analysis``); ``equivalence_classes`` joins the pairs that coincide for every architecture of a
 layer into classes (union-find) and names one representative per class (the first in sorted order). Only
 representatives enter contrasts, rankings and Kendall τ.
 """

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evidrift.artifacts import write_csv_atomic
+from evidrift.core.io import write_csv_atomic
 from evidrift.data.procedural import grid, periodic_bands, ramp, smooth_noise, smoothstep
 
 CLASSES: tuple[str, ...] = ("normal", "bacterial_pneumonia", "viral_pneumonia", "covid19", "tuberculosis")
@@ -439,7 +439,7 @@ def generate_phantom_set(
     for column in ("x0", "y0", "x1", "y1"):
         frame[column] = frame[column].astype("Int64")
     params = phantom_params(n, size, seed, shortcut_marker)
-    from evidrift.artifacts import write_json_atomic
+    from evidrift.core.io import write_json_atomic
 
     manifest = write_csv_atomic(root / "manifest.csv", frame)
     write_json_atomic(root / "params.json", params)
@@ -489,7 +489,7 @@ def write_preview(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from evidrift.artifacts import atomic_path
+    from evidrift.core.io import atomic_path
     from evidrift.data.readers import read_image, read_mask
 
     manifest = Path(manifest_csv)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evidrift.core.errors import EvidriftError
+
 #: Suffixes recognised as images when scanning class folders (lower case).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -55,7 +57,7 @@ _DECODER_HINTS: tuple[tuple[str, str], ...] = (
 LOW_DEPTH_BITS = 12
 
 
-class ImageReadError(ValueError):
+class ImageReadError(EvidriftError, ValueError):
     """An image file that cannot be read; the message names the file and the reason."""
 
 

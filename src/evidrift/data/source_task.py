@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evidrift.artifacts import write_csv_atomic
+from evidrift.core.io import write_csv_atomic
 from evidrift.data.phantom import (
     default_workers,
     phantom_params,
@@ -248,7 +248,7 @@ def generate_source_set(
     rows = run_image_jobs(_source_job, jobs, workers, progress, "source set")
     import pandas as pd
 
-    from evidrift.artifacts import write_json_atomic
+    from evidrift.core.io import write_json_atomic
 
     manifest = write_csv_atomic(root / "manifest.csv", pd.DataFrame(rows))
     write_json_atomic(root / "params.json", source_params(n, size, seed))

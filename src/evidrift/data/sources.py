@@ -52,16 +52,16 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from evidrift.artifacts import RunPaths, write_json_atomic, write_parquet_atomic
-from evidrift.data.phantom import (
-    CLASSES as PHANTOM_CLASSES,
-)
+from evidrift.core.errors import EvidriftError
+from evidrift.core.io import write_json_atomic, write_parquet_atomic
+from evidrift.core.paths import RunPaths
+from evidrift.data.phantom import CLASSES as PHANTOM_CLASSES
 from evidrift.data.phantom import generate_phantom_set, generated_set_matches, phantom_params
 from evidrift.data.readers import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image, read_mask
 from evidrift.data.source_task import SOURCE_CLASSES, generate_source_set, source_params
 
 if TYPE_CHECKING:
-    from evidrift.config import StudyConfig
+    from evidrift.data.config import DataStudy
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 IGNORED_FILE = "ignored.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(EvidriftError, ValueError):
     """A data source that cannot be used; the message names the file or row and how to fix it."""
 
 
@@ -104,7 +104,7 @@ class PreparedData:
 
 
 # --- public entry points ------------------------------------------------------------------------------------
-def prepare_data(config: StudyConfig, paths: RunPaths, input_size: int | None = None) -> pd.DataFrame:
+def prepare_data(config: DataStudy, paths: RunPaths, input_size: int | None = None) -> pd.DataFrame:
     """Build, check and write the target manifest of ``config.data``; returns it (all rows, skipped included).
 
     ``phantom``: generates the set into ``run/data/phantoms`` (reused when present with the same parameters)
@@ -120,9 +120,7 @@ def prepare_data(config: StudyConfig, paths: RunPaths, input_size: int | None = 
     return prepared.frame
 
 
-def collect_data(
-    config: StudyConfig, phantom_dir: Path | None, input_size: int | None = None
-) -> PreparedData:
+def collect_data(config: DataStudy, phantom_dir: Path | None, input_size: int | None = None) -> PreparedData:
     """The data step without writing its outputs: read ``config.data``, run every check, log the ignored
     files and the warnings (16-bit images using at most 12 bits, images upscaled more than
     ``UPSCALE_WARNING`` times to ``input_size``). ``phantom_dir``: where the phantom set is generated (None:
@@ -175,7 +173,7 @@ def collect_data(
     return PreparedData(frame, classes, ignored, notes)
 
 
-def prepare_source_data(config: StudyConfig, paths: RunPaths) -> pd.DataFrame:
+def prepare_source_data(config: DataStudy, paths: RunPaths) -> pd.DataFrame:
     """Generate (or reuse) the stage-0 source set under ``run/data/source`` (``data.phantom.n_source`` images
     of ``SOURCE_CLASSES`` at ``data.phantom.size``), split it into train and val (``data.split.val``, else
     0.15; no test split: nothing evaluates stage 0 on held-out images) and write its manifest

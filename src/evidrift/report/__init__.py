@@ -1,10 +1,5 @@
-"""The HTML report of a run (DESIGN § 3): ``build_report(run_dir)`` → ``report.html`` + ``figures/*.png``.
-
-``figures`` draws the matplotlib figures (Agg backend) from tables and arrays; ``html`` gathers a run
-directory's artifacts into sections and renders the jinja2 template (autoescape on) into one self-contained
-file. ``probe_section`` adds the head-probing and sanity-check section when those studies have run.
-"""
-
-from evidrift.report.html import build_report, load_run_config
-
-__all__ = ["build_report", "load_run_config"]
+"""The HTML report machinery (DESIGN § 3): ``html.render_report`` renders the sections a study contributes
+into one self-contained ``report.html``; ``elements`` holds the section/table/figure building blocks,
+``figures`` the matplotlib figures (Agg backend), ``map_sections`` the map overlays and zone figures shared by
+the studies, ``method_labels`` the display names of methods and layers. Which sections a report has is decided
+by the studies (``studies.drift.report.build_report``)."""

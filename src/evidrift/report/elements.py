@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from evidrift.artifacts import safe_name
+from evidrift.core.paths import safe_name
 from evidrift.report import figures as F
 
 _LOW_NAMES = ("ci_low", "ci_lo", "lo", "low", "ci_lower")

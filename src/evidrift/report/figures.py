@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from evidrift.artifacts import write_bytes_atomic
+from evidrift.core.io import write_bytes_atomic
 
 DPI = 100
 #: One colour per architecture, in the order the study lists them (colour-blind safe, Okabe-Ito).

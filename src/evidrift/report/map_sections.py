@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evidrift.artifacts import RunPaths, read_maps
 from evidrift.cam.maps import upsample
+from evidrift.core.maps_store import read_maps
+from evidrift.core.paths import RunPaths
 from evidrift.metrics.common import AnalysisMaps
 from evidrift.report import figures as F
 from evidrift.report.elements import FigureWriter, Section, fmt

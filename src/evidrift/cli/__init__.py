@@ -1,0 +1,5 @@
+"""The command line: a thin typer app."""
+
+from evidrift.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,1 @@
+"""`evidrift compare A B`: drift between two checkpoints of one model, as a CI gate."""

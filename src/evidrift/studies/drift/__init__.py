@@ -1,0 +1,1 @@
+"""The semantic-drift study: explain both stages, drift metrics, statistics, the report."""

@@ -1,0 +1,1 @@
+"""Explanation sanity checks (model parameter randomization)."""
