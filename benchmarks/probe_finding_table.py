@@ -13,26 +13,27 @@ from pathlib import Path
 import pandas as pd
 
 import evidrift  # noqa: F401
+from evidrift.core.paths import RunPaths
 from evidrift.studies.probe.stats import versus_baseline
-from evidrift.studies.probe.study import BASELINE, PROBE_FILES
+from evidrift.studies.probe.study import BASELINE
 
 METRICS = ("gridpg@2", "gridpg@3", "energy_pointing_game")
 
 
 def main(run: Path) -> None:
-    summary = pd.read_csv(run / PROBE_FILES["summary"])
-    baseline_file = run / PROBE_FILES["baseline"]
+    summary = pd.read_csv(RunPaths.at(run).probe_summary)
+    baseline_file = RunPaths.at(run).probe_baseline
     if baseline_file.is_file():
         versus = pd.read_csv(baseline_file)
     else:
-        versus = versus_baseline(pd.read_parquet(run / PROBE_FILES["table"]), BASELINE, n_boot=1000)
+        versus = versus_baseline(pd.read_parquet(RunPaths.at(run).probe_table), BASELINE, n_boot=1000)
         versus.to_csv(baseline_file, index=False)
     accuracy = summary[summary["metric"] == "correct"].set_index("variant")
     print("| variant | accuracy |")
     print("|---|---|")
     for variant, row in accuracy.iterrows():
         print(f"| {variant} | {row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] |")
-    pool = run / PROBE_FILES["pool"]
+    pool = RunPaths.at(run).probe_pool
     if pool.is_file():
         print()
         frame = pd.read_csv(pool)

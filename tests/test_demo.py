@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 import evidrift  # noqa: F401  (before timm)
 from evidrift.cli.app import app
 from evidrift.core.paths import RunPaths
+from evidrift.core.steps import read_marker
 from evidrift.metrics.drift import default_metric_names
 from evidrift.studies.drift.presets import DEMO_LAYERS, DEMO_METHODS, demo_config
-from evidrift.studies.drift.study import STEPS, read_marker, step_hashes
+from evidrift.studies.drift.study import STEPS, step_hashes
 
 
 @pytest.mark.integration

@@ -29,7 +29,6 @@ from evidrift.studies.probe.grids import (
 from evidrift.studies.probe.heads import ProbeNet, build_probe_head, channel_scale
 from evidrift.studies.probe.stats import best_variants, metric_order, paired_variant_tests, versus_baseline
 from evidrift.studies.probe.study import (
-    PROBE_FILES,
     CachedSplit,
     ProbeVariant,
     confident_correct,
@@ -424,7 +423,7 @@ def test_run_probe_end_to_end_on_tiny_phantoms(tmp_path: Path) -> None:
         }
     )
     summary, pairs = run_probe(config, RunPaths.at(tmp_path), progress=False)
-    table = pd.read_parquet(tmp_path / PROBE_FILES["table"])
+    table = pd.read_parquet(RunPaths.at(tmp_path).probe_table)
     assert set(table["variant"]) == {
         f"{loss}-{h}" for loss in ("ce", "bce") for h in ("linear", "mlp2", "bcos1")
     }
@@ -445,7 +444,7 @@ def test_run_probe_end_to_end_on_tiny_phantoms(tmp_path: Path) -> None:
         } <= set(part["metric"])
     grid = table[table["metric"].str.startswith("gridpg")]["value"].dropna()
     assert grid.between(0, 1).all() and len(grid) > 0
-    pool = pd.read_csv(tmp_path / PROBE_FILES["pool"])
+    pool = pd.read_csv(RunPaths.at(tmp_path).probe_pool)
     assert (
         set(pool.columns) == {"arch", "class", "n_test", "n_pool"}
         and (pool["n_pool"] <= pool["n_test"]).all()

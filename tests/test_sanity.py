@@ -13,6 +13,7 @@ from torch import nn
 import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import models
 from evidrift.classifier.config import HeadConfig
+from evidrift.core.paths import RunPaths
 from evidrift.studies.sanity.study import (
     ROOT_BLOCK,
     SIMILARITY_METRICS,
@@ -156,7 +157,7 @@ def test_sanity_summary_figures_and_report_section(tmp_path: Path) -> None:
     import pandas as pd
 
     from evidrift.studies.probe.report import probe_report_section, write_sanity_figures
-    from evidrift.studies.sanity.study import SANITY_FILES, summarize_curves
+    from evidrift.studies.sanity.study import summarize_curves
 
     rows = []
     for step, block in enumerate(["original", "fc", "layer4"]):
@@ -176,7 +177,7 @@ def test_sanity_summary_figures_and_report_section(tmp_path: Path) -> None:
     summary = summarize_curves(pd.DataFrame(rows), n_boot=200)
     first = summary[(summary["step"] == 0) & (summary["metric"] == "ssim")].iloc[0]
     assert first["mean"] == pytest.approx(1.015) and first["n"] == 4 and first["ci_low"] <= first["ci_high"]
-    summary.to_csv(tmp_path / SANITY_FILES["summary"], index=False)
+    summary.to_csv(RunPaths.at(tmp_path).sanity_summary, index=False)
     checks = [
         {
             "arch": "a<i>",
@@ -188,7 +189,7 @@ def test_sanity_summary_figures_and_report_section(tmp_path: Path) -> None:
             "passed": True,
         }
     ]
-    (tmp_path / SANITY_FILES["selftest"]).write_text(json.dumps({"passed": True, "checks": checks}))
+    (RunPaths.at(tmp_path).sanity_selftest).write_text(json.dumps({"passed": True, "checks": checks}))
     figures = write_sanity_figures(summary, tmp_path / "figures")
     assert [f.name for f in figures] == ["sanity_a_i__cascading.png"] and figures[0].stat().st_size > 1000
     html = probe_report_section(tmp_path)

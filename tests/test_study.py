@@ -18,9 +18,10 @@ import yaml
 import evidrift  # noqa: F401  (before timm)
 from evidrift.core.distributed import Context
 from evidrift.core.paths import RunPaths
+from evidrift.core.steps import read_marker
 from evidrift.studies.config import StudyConfig, parse_config, resolved_dict
 from evidrift.studies.drift.presets import demo_config
-from evidrift.studies.drift.study import STEPS, force_steps, read_marker, run_study, step_hashes
+from evidrift.studies.drift.study import STEPS, force_steps, run_study, step_hashes
 
 
 def _changed(a: StudyConfig, b: StudyConfig) -> set[str]:

@@ -39,6 +39,7 @@ from torch import nn
 from evidrift.cam import perturbation
 from evidrift.cam.maps import is_degenerate, minmax_normalize, upsample
 from evidrift.cam.methods import FUSION_PREFIX, method_spec, resolve_method
+from evidrift.core.errors import UsageError
 
 MapKey = str | tuple[str, str]
 Targets = str | int | torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -83,7 +84,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str) -> dict[str, n
         if module is None or not name:
             candidates = [n for n in modules if n]
             close = difflib.get_close_matches(name, candidates, n=8, cutoff=0.5)
-            raise ValueError(
+            raise UsageError(
                 f"target layer {name!r} is not a module of {type(model).__name__}; closest names: "
                 f"{close or candidates[-8:]} (see model.named_modules())"
             )
@@ -164,7 +165,7 @@ class CAMEngine:
         seed: int = 0,
     ) -> None:
         if layout not in ("auto", "NCHW", "NHWC", "NLC"):
-            raise ValueError(f"layout must be one of auto, NCHW, NHWC, NLC; got {layout!r}")
+            raise UsageError(f"layout must be one of auto, NCHW, NHWC, NLC; got {layout!r}")
         self.model = model
         self.modules = resolve_layers(model, layers)
         self.layers = list(self.modules)
@@ -217,7 +218,7 @@ class CAMEngine:
                     "whose output is the feature map"
                 )
             if name in self._acts:
-                raise ValueError(
+                raise UsageError(
                     f"target layer {name!r} ran twice in one forward pass; pick a module that runs once"
                 )
             if self._need_graph:
@@ -244,7 +245,7 @@ class CAMEngine:
         lists (then every map is [B, T, ...]). ``score``: the target ``logit`` or its ``softmax``
         probability. See ``CAMResult``."""
         if score not in ("logit", "softmax"):
-            raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
+            raise UsageError(f"score must be 'logit' or 'softmax', got {score!r}")
         names = [resolve_method(m) for m in ([methods] if isinstance(methods, str) else methods)]
         if not names:
             raise ValueError("no CAM method requested")
@@ -330,7 +331,7 @@ class CAMEngine:
         names = [*(self.layers if layer_grads else []), *(["input"] if x_in is not None else [])]
         for name, g in zip(names, grads, strict=True):
             if g is None:
-                raise ValueError(
+                raise UsageError(
                     f"the target score does not depend on {name!r}; pick a layer the output depends on"
                 )
         return [g.detach() for g in grads]

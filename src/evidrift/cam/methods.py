@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evidrift.core.errors import UsageError
+
 #: xgradcam's epsilon in Σ_hw A + ε (pytorch-grad-cam's value).
 XGRADCAM_EPS = 1e-7
 #: Prefix of multi-layer fusion methods (``ms-gradcam``: every layer's map, fused).
@@ -211,7 +213,7 @@ def resolve_method(name: str) -> str:
         inner = _canonical(raw[len(FUSION_PREFIX) :])
         if inner is None or METHODS[inner].kind != "layer":
             layer_methods = [n for n, s in METHODS.items() if s.kind == "layer"]
-            raise ValueError(
+            raise UsageError(
                 f"unknown fusion method {name!r}: `ms-` must prefix a layer method "
                 f"({', '.join(layer_methods)})"
             )
@@ -221,7 +223,7 @@ def resolve_method(name: str) -> str:
         known = [*METHODS, *ALIASES]
         close = difflib.get_close_matches(raw, known, n=5, cutoff=0.5)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(
+        raise UsageError(
             f"unknown CAM method {name!r}{hint} (known: {', '.join(METHODS)}; `ms-` prefix fuses layers)"
         )
     return canonical

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from evidrift.core.distributed import Context, all_gather_cat, epoch_batches
+from evidrift.core.errors import DataError, UsageError
 from evidrift.core.io import write_csv_atomic
 
 if TYPE_CHECKING:
@@ -210,10 +211,10 @@ def evaluate_study(
     frame, classes = load_manifest(paths)
     test = frame[(frame["split"] == "test") & (frame["status"] == "ok")].reset_index(drop=True)
     if test.empty:
-        raise ValueError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
+        raise DataError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
     model_cfgs = [m for m in config.models if arch is None or m.key == arch]
     if not model_cfgs:
-        raise ValueError(f"--arch {arch!r} is not in the study's models {[m.key for m in config.models]}")
+        raise UsageError(f"--arch {arch!r} is not in the study's models {[m.key for m in config.models]}")
     rows: list[dict[str, Any]] = []
     changes: list[dict[str, Any]] = []
     for model_cfg in model_cfgs:
@@ -241,10 +242,8 @@ def evaluate_study(
             write_parquet_atomic(paths.eval_table(model_cfg.key), pd.DataFrame(table)[columns])
     summary = pd.DataFrame(rows)
     if ctx.is_main:
-        summary = _write_per_arch_csv(paths.eval_table("classification").with_suffix(".csv"), summary, arch)
-        change_table = _write_per_arch_csv(
-            paths.eval_table("accuracy_change").with_suffix(".csv"), pd.DataFrame(changes), arch
-        )
+        summary = _write_per_arch_csv(paths.classification, summary, arch)
+        change_table = _write_per_arch_csv(paths.accuracy_change, pd.DataFrame(changes), arch)
         rich_table = Table(title=f"{title} ({len(test)} images, 95% bootstrap CI)")
         for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC"):
             rich_table.add_column(column, justify="left" if column == "arch" else "right")

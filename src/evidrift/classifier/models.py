@@ -36,7 +36,7 @@ from torch import nn
 
 import evidrift
 from evidrift.classifier.config import HeadConfig
-from evidrift.core.errors import EvidriftError
+from evidrift.core.errors import EvidriftError, MissingInputError, UsageError
 from evidrift.core.io import save_safetensors_atomic, write_json_atomic
 
 #: User-facing aliases of the paper's architectures → timm names.
@@ -84,7 +84,7 @@ def resolve_arch(name: str) -> str:
         return timm_name
     close = difflib.get_close_matches(name, [*ALIASES, *timm.list_models()], n=5, cutoff=0.6)
     hint = f"; did you mean one of {close}?" if close else ""
-    raise ValueError(
+    raise UsageError(
         f"unknown architecture {name!r}: not an alias ({', '.join(ALIASES)}) nor a timm model name{hint}"
     )
 
@@ -283,7 +283,7 @@ def check_input_size(model: nn.Module, size: int, where: str) -> None:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
     except RuntimeError as error:
-        raise ValueError(
+        raise UsageError(
             f"{type(unwrap(model)).__name__} cannot take {size} x {size} px inputs ({error}); raise {where}"
         ) from error
     finally:
@@ -531,7 +531,7 @@ def spatial_cam_layer(model: nn.Module, arch: str) -> str:
         norms = [n for n in norms if "downsample" not in n]
         if norms:
             return norms[-1]
-    raise ValueError(
+    raise UsageError(
         f"no `spatial` CAM layer is known for {timm_name}; name a dotted layer before the last stage's "
         "pooling in cam_layers instead (see `model.named_modules()`)"
     )
@@ -548,7 +548,7 @@ def _auto_cam_layer(model: nn.Module) -> str:
             return module
         if module.replace("_", ".") in names:
             return module.replace("_", ".")
-    raise ValueError(
+    raise UsageError(
         f"{type(model).__name__} has no usable timm feature_info for cam_layers: auto; name the layer "
         "explicitly (a dotted module name, see `model.named_modules()`)"
     )
@@ -585,7 +585,7 @@ def cam_layer_keys(
             resolved = [name]
         else:
             close = difflib.get_close_matches(name, modules, n=8, cutoff=0.5)
-            raise ValueError(
+            raise UsageError(
                 f"cam layer {name!r} is not a module of {resolve_arch(arch)}; "
                 f"candidates: {close or modules[-8:]} (or use `default` / `spatial` / `auto`)"
             )
@@ -640,14 +640,14 @@ def read_checkpoint_meta(path: str | os.PathLike[str], verify: bool = True) -> d
     file, else ValueError (a sidecar left from other weights, or an interrupted write)."""
     weights, side = Path(path), sidecar_path(path)
     if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint {weights} does not exist; train it first (`evidrift train`)")
+        raise MissingInputError(f"checkpoint {weights} does not exist; train it first (`evidrift train`)")
     if not side.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"checkpoint {weights} has no sidecar {side}; the save was interrupted, retrain"
         )
     meta = json.loads(side.read_text(encoding="utf-8"))
     if verify and meta.get("weights_sha256") != file_sha256(weights):
-        raise ValueError(
+        raise WeightsError(
             f"sidecar {side} does not describe {weights} (SHA-256 differs): the save was interrupted or "
             "the files were mixed up; rerun the training stage"
         )

@@ -57,7 +57,7 @@ from evidrift.classifier.evaluate import (
 )
 from evidrift.core import distributed
 from evidrift.core.distributed import Context, all_reduce_sum, epoch_batches
-from evidrift.core.errors import EvidriftError
+from evidrift.core.errors import DataError, EvidriftError, MissingInputError, UsageError
 from evidrift.core.io import atomic_path, config_hash, read_jsonl, save_safetensors_atomic, write_text_atomic
 from evidrift.core.paths import RunPaths
 
@@ -94,7 +94,7 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch
         n_classes = logits.shape[1]
         targets = F.one_hot(labels, n_classes).float().clamp_min(1.0 / n_classes)
         return F.binary_cross_entropy_with_logits(logits, targets)
-    raise ValueError(f"train.loss must be 'ce' or 'bce', got {loss!r}")
+    raise UsageError(f"train.loss must be 'ce' or 'bce', got {loss!r}")
 
 
 def improved(value: float, best: float | None, monitor: str) -> bool:
@@ -562,7 +562,7 @@ def train_stage(
     """Run (or resume, or skip when done) one stage of one model; returns its final checkpoint path."""
     stage = str(stage)
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        raise UsageError(f"stage must be one of {STAGES}, got {stage!r}")
     ctx = ctx or distributed.setup(config.train.device)
     key, cfg, loss = model_cfg.key, stage_config(config, stage), config.train.loss
     tag = stage_hash(config, model_cfg, stage)
@@ -589,14 +589,14 @@ def train_stage(
             if uses_stage0(model_cfg) and not stage_done(
                 StageFiles.of(paths, key, "0"), stage_hash(config, model_cfg, "0")
             ):
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{label} needs stage 0 of {key}; run `evidrift train --stage 0` first"
                 )
             model = models.build_model(model_cfg.arch, len(classes), head, weights)
         else:
             previous = StageFiles.of(paths, key, "1")
             if not stage_done(previous, stage_hash(config, model_cfg, "1")):
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{label} needs stage 1 of {key}; run `evidrift train --stage 1` first"
                 )
             model = models.build_model(model_cfg.arch, len(classes), head, "none")
@@ -625,7 +625,7 @@ def train_stage(
             _dataset(_split(frame, "val"), classes, size, config, mean, std, False, seed), workers, pin
         )
         if len(train_feed) == 0:
-            raise ValueError(
+            raise DataError(
                 f"{label}: the training split is empty; check data.split and the manifest {paths.manifest}"
             )
 
@@ -762,7 +762,7 @@ def train_study(
     ctx = ctx or distributed.setup(config.train.device)
     chosen = [m for m in config.models if arch is None or m.key == arch]
     if not chosen:
-        raise ValueError(f"--arch {arch!r} is not in the study's models {[m.key for m in config.models]}")
+        raise UsageError(f"--arch {arch!r} is not in the study's models {[m.key for m in config.models]}")
     done: dict[str, dict[str, Path]] = {}
     for model_cfg in chosen:
         done[model_cfg.key] = {}

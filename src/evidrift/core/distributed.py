@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from evidrift.core.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -44,7 +46,7 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     device = torch.device(preference)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device is {preference!r} but CUDA is not available; use `auto` or `cpu`")
+            raise UsageError(f"train.device is {preference!r} but CUDA is not available; use `auto` or `cpu`")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device

@@ -11,3 +11,16 @@ from __future__ import annotations
 
 class EvidriftError(Exception):
     """Base of every error whose message tells the user what to fix."""
+
+
+class UsageError(EvidriftError, ValueError):
+    """A name or value the user chose that cannot be used: an unknown method, metric, architecture, layer,
+    step or option value. The message lists what is allowed."""
+
+
+class DataError(EvidriftError, ValueError):
+    """Data that cannot be used as given: an empty split, no usable test image, labels outside the classes."""
+
+
+class MissingInputError(EvidriftError, FileNotFoundError):
+    """A file a step needs does not exist; the message names it and the command that makes it."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from evidrift.core.errors import MissingInputError
 from evidrift.core.io import save_safetensors_atomic
 from evidrift.core.paths import MAPS_SHARD_SUFFIX, RunPaths, safe_name
 
@@ -95,7 +96,7 @@ def read_maps(
     """
     shards = maps_shards(paths, arch, stage, method)
     if not shards:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no maps for arch={arch!r} stage={stage} method={method!r} in {paths.maps_dir(arch, stage)}; "
             "run `evidrift explain study.yaml` first"
         )

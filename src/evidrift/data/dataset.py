@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from evidrift.core.errors import DataError
 from evidrift.data.readers import ImageReadError, read_image, read_mask
 from evidrift.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -66,7 +67,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         else:
             unknown = sorted(set(self.frame["label"]) - set(self.classes))
             if unknown:
-                raise ValueError(f"labels {unknown} are not in classes {self.classes}")
+                raise DataError(f"labels {unknown} are not in classes {self.classes}")
             self.labels = [self.classes.index(v) for v in self.frame["label"]]
         masks = self.frame["mask_path"] if "mask_path" in self.frame else [None] * len(self.frame)
         self.mask_paths = [m if isinstance(m, str) and m else None for m in masks]
@@ -98,7 +99,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         if self.with_mask:
             mask = read_mask(mask_path) if mask_path is not None else np.zeros(image.shape, dtype=bool)
             if mask.shape != image.shape:
-                raise ValueError(
+                raise DataError(
                     f"mask {mask_path} is {mask.shape} but image {self.paths[index]} is {image.shape}"
                 )
         generator = None

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evidrift.core.errors import UsageError
 from evidrift.core.io import write_csv_atomic
 from evidrift.data.procedural import grid, periodic_bands, ramp, smooth_noise, smoothstep
 
@@ -257,7 +258,7 @@ def _lesion(label: str, anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarr
             field = np.maximum(field, 0.35 * smoothstep((haze * (1.0 + 0.3 * texture) - 0.45) / 0.4))
         lesion = rng.uniform(0.16, 0.24) * field * anatomy.lungs
     else:
-        raise ValueError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
+        raise UsageError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
     lesion = lesion.astype(np.float32)
     threshold = 0.02 * float(lesion.max()) if lesion.max() > 0 else 0.0
     inside = lesion >= max(threshold, 1e-4)
@@ -297,9 +298,9 @@ def render_phantom(
     float32 and after 8-bit quantization (each lesion pixel adds at least ``LESION_FLOOR``).
     """
     if label not in CLASSES:
-        raise ValueError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
+        raise UsageError(f"unknown phantom label {label!r}; choose one of {list(CLASSES)}")
     if size < 32:
-        raise ValueError(f"phantom size must be >= 32 pixels, got {size}")
+        raise UsageError(f"phantom size must be >= 32 pixels, got {size}")
     anatomy = _Anatomy(rng, size)
     lesion = _lesion(label, anatomy, rng)
     mask = lesion > 0
@@ -423,9 +424,9 @@ def generate_phantom_set(
     The manifest is written last (atomically): a set without it is incomplete. Returns the manifest path.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UsageError(f"n must be >= 1, got {n}")
     if not 0.0 <= shortcut_marker <= 1.0:
-        raise ValueError(f"shortcut_marker is a probability in [0, 1], got {shortcut_marker}")
+        raise UsageError(f"shortcut_marker is a probability in [0, 1], got {shortcut_marker}")
     root = Path(out_dir)
     prepare_class_folders(root, CLASSES, ("images", "masks"))
     seeds = np.random.SeedSequence(seed).spawn(n)

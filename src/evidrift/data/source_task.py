@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evidrift.core.errors import UsageError
 from evidrift.core.io import write_csv_atomic
 from evidrift.data.phantom import (
     default_workers,
@@ -181,7 +182,7 @@ def _source_pattern(label: str, rng: np.random.Generator, size: int) -> np.ndarr
             phi = 2 * math.pi * k / 3
             shape = shape * ramp(0.5 * radius - (u * math.cos(phi) + v * math.sin(phi)), edge)
         return shape
-    raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
+    raise UsageError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
 
 
 def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -198,9 +199,9 @@ def render_source(label: str, rng: np.random.Generator, size: int) -> np.ndarray
     stage-1 test accuracy 0.46 and stage 2 0.64 on 500 phantoms, against 0.30 and 0.55 with the shapes and
     stripes of source version 1."""
     if label not in SOURCE_CLASSES:
-        raise ValueError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
+        raise UsageError(f"unknown source label {label!r}; choose one of {list(SOURCE_CLASSES)}")
     if size < 32:
-        raise ValueError(f"source image size must be >= 32 pixels, got {size}")
+        raise UsageError(f"source image size must be >= 32 pixels, got {size}")
     if rng.random() < SOURCE_CHEST_BACKGROUND:
         background = render_phantom("normal", rng, size)[0]
     else:
@@ -239,7 +240,7 @@ def generate_source_set(
     ``images/{label}/{label}_{i:05d}.png`` plus ``manifest.csv`` (path, label) and ``params.json``.
     Deterministic by seed like ``generate_phantom_set``. Returns the manifest path."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UsageError(f"n must be >= 1, got {n}")
     root = Path(out_dir)
     prepare_class_folders(root, SOURCE_CLASSES, ("images",))
     seeds = np.random.SeedSequence([seed, 0x50C]).spawn(n)

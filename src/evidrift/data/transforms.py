@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evidrift.core.errors import UsageError
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -39,7 +41,7 @@ def resize_image(image: torch.Tensor, size: int, mode: str = "pad", is_mask: boo
     """[1, 1, H, W] float32 → [1, 1, S, S]. ``mode`` ``pad`` (aspect kept, zero padding, centred) or ``crop``
     (aspect kept, centre crop). Images: bilinear with antialiasing; masks: area-weighted, ≥ 0.5 → {0, 1}."""
     if mode not in ("pad", "crop"):
-        raise ValueError(f"resize mode must be 'pad' or 'crop', got {mode!r}")
+        raise UsageError(f"resize mode must be 'pad' or 'crop', got {mode!r}")
     height, width = image.shape[-2:]
     if mode == "pad":
         scale = size / max(height, width)
@@ -153,7 +155,7 @@ class Preprocess:
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         if resize not in ("pad", "crop"):
-            raise ValueError(f"resize must be 'pad' or 'crop', got {resize!r}")
+            raise UsageError(f"resize must be 'pad' or 'crop', got {resize!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each (std > 0), got {list(mean)} and {list(std)}")
         self.size = size

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from evidrift.core.errors import UsageError
 from evidrift.metrics import complexity
 from evidrift.metrics.common import (
     AnalysisMaps,
@@ -199,7 +200,7 @@ def ssim(a: MapsLike, b: MapsLike) -> Tensor:
     h, w = a.shape
     kernel = gaussian_kernel1d()
     if min(h, w) < len(kernel):
-        raise ValueError(
+        raise UsageError(
             f"ssim needs maps of at least {len(kernel)}×{len(kernel)} pixels, got {h}×{w}; "
             "raise the analysis size (drift.size)"
         )
@@ -314,7 +315,7 @@ def resolve_metric(name: str) -> tuple[str, DriftMetric, float | None]:
     base = match.group("base") if match else None
     base = METRIC_ALIASES.get(base, base) if base else None
     if base not in DRIFT_METRICS:
-        raise ValueError(
+        raise UsageError(
             f"unknown drift metric {name!r}; known: {', '.join(DRIFT_METRICS)} "
             f"(aliases: {', '.join(sorted(METRIC_ALIASES))}; @k for "
             f"{', '.join(m.name for m in DRIFT_METRICS.values() if m.takes_k)})"
@@ -323,13 +324,13 @@ def resolve_metric(name: str) -> tuple[str, DriftMetric, float | None]:
     k_text = match.group("k") if match else None
     if metric.takes_k:
         if k_text is None:
-            raise ValueError(f"drift metric {name!r} needs a fraction: e.g. {base}@0.1")
+            raise UsageError(f"drift metric {name!r} needs a fraction: e.g. {base}@0.1")
         k = float(k_text)
         if not 0.0 < k < 1.0:
-            raise ValueError(f"drift metric {name!r}: k = {k:g} must be in (0, 1)")
+            raise UsageError(f"drift metric {name!r}: k = {k:g} must be in (0, 1)")
         return f"{base}@{format_k(k)}", metric, k
     if k_text is not None:
-        raise ValueError(f"drift metric {name!r} takes no @k; use {base!r}")
+        raise UsageError(f"drift metric {name!r} takes no @k; use {base!r}")
     return base, metric, None
 
 

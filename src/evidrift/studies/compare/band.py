@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evidrift import stats
+from evidrift.core.errors import UsageError
 from evidrift.core.io import write_json_atomic, write_parquet_atomic
 from evidrift.core.maps_store import read_maps
 from evidrift.core.paths import RunPaths
@@ -54,11 +55,11 @@ class Perturbation:
     def check(self) -> None:
         """ValueError naming the option when a parameter is out of range."""
         if not (np.isfinite(self.sigma) and self.sigma >= 0):
-            raise ValueError(f"--noise-sigma {self.sigma}: must be a finite number ≥ 0 (intensity units)")
+            raise UsageError(f"--noise-sigma {self.sigma}: must be a finite number ≥ 0 (intensity units)")
         if self.shift < 0:
-            raise ValueError(f"--noise-shift {self.shift}: must be ≥ 0 pixels")
+            raise UsageError(f"--noise-shift {self.shift}: must be ≥ 0 pixels")
         if self.sigma == 0 and self.shift == 0:
-            raise ValueError("--noise-sigma 0 and --noise-shift 0: the perturbation does nothing; raise one")
+            raise UsageError("--noise-sigma 0 and --noise-shift 0: the perturbation does nothing; raise one")
 
 
 # --- pure tensor functions ----------------------------------------------------------------------------------

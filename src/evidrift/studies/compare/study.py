@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from evidrift import stats
+from evidrift.core import steps
+from evidrift.core.distributed import Context
 from evidrift.core.errors import EvidriftError
 from evidrift.core.io import write_json_atomic, write_parquet_atomic, write_text_atomic
 from evidrift.core.paths import RunPaths
+from evidrift.core.steps import Step
 from evidrift.studies.config import StudyConfig, dump_yaml, parse_config
 from evidrift.studies.drift.analysis import DriftSettings
 from evidrift.studies.drift.config import DEFAULT_EXPLAIN_METHODS
@@ -271,74 +274,153 @@ def compare_checkpoints(
     if baseline is not None:
         check_compatible(a, meta_a, baseline, checkpoint_meta(baseline))
     config = compare_config(meta_a, data, out, methods, max_images)
-    from evidrift.classifier.evaluate import evaluate_study
+    job = CompareJob(
+        a=a, b=b, data=data, split=split, max_images=max_images, baseline=baseline, band_kind=band_kind,
+        perturbation=perturbation, gate_spec=gate_spec, most_drifted=most_drifted, methods=explained,
+        progress=progress, image_size=int(meta_a["image_size"]),
+    )  # fmt: skip
     from evidrift.core import distributed
-    from evidrift.data.sources import prepare_data
-    from evidrift.studies.compare.band import band_record
-    from evidrift.studies.drift.analysis import run_drift
-    from evidrift.studies.drift.explain import explain_run
-    from evidrift.studies.drift.report import build_report
 
     paths = RunPaths.at(out)
-    for stale in ("maps", "eval", "figures", "steps", "band", "gate"):
-        if (paths.root / stale).is_dir():
-            shutil.rmtree(paths.root / stale)
     paths.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths.config, dump_yaml(config))
-    prepare_data(config, paths, input_size=int(meta_a["image_size"]))
-    n_images = _select_images(paths, split)
-    if max_images is not None:
-        n_images = min(n_images, max_images)
-    key = config.models[0].key
-    for stage, checkpoint in (("1", a), ("2", b)):
-        target = paths.checkpoint(key, stage)
-        _link(checkpoint, target)
-        _link(checkpoint.with_suffix(".json"), target.with_suffix(".json"))
     ctx = distributed.setup(config.train.device)
-    scope = "every usable image" if split == "all" else f"the {split} split"
-    evaluate_study(config, paths, ctx=ctx, title=f"classification of {scope} of --data")
-    for stage in (1, 2):
-        explain_run(config, paths, key, stage, ctx=ctx, progress=False)
-    settings = drift_settings(config)
-    drift = run_drift(paths.root, settings, progress=False).drift
-    drift = stats.keyed_by_map_set(drift)  # the gates key map sets (method[@layer])
-    write_localization(config, paths, settings)
-    band_drift = _band(config, paths, key, a, baseline, band_kind, perturbation, settings, progress)
-    context = {
-        "a": str(a),
-        "b": str(b),
-        "baseline": str(baseline) if baseline is not None else None,
-        "band": band_record(paths) or None,
-        "data": str(data),
-        "n_images": n_images,
-        "methods": explained,
-        "alpha": gate_spec.alpha if gate_spec is not None else None,
-        "tolerance": gate_spec.tolerance if gate_spec is not None else None,
-        "run_dir": str(paths.root),
-        "report": str(paths.report),
-    }
-    summary = pd.read_csv(paths.summary)
-    if summary["layer"].nunique() > 1:  # as the map sets are named
-        summary = summary.assign(method=summary["method"] + "@" + summary["layer"].astype(str))
-    verdicts, where = _gate(
-        paths, config, summary, drift, band_drift, band_kind, gate_spec, explained, most_drifted, context
-    )
-    build_report(
-        paths.root, config, stage_labels=(f"A ({a.name})", f"B ({b.name})"), subtitle=f"A = {a}, B = {b}"
-    )
+    # A gate must never pass on a stale result: every step is redone (its markers record what ran, how long).
+    steps.run_steps(job.steps(), config, paths, ctx, force=["all"])
     return CompareResult(
         paths,
-        key,
-        n_images,
-        summary,
-        drift,
+        job.key,
+        job.n_images,
+        job.summary,
+        job.drift,
         band_kind,
-        band_drift,
-        verdicts,
-        where,
-        context,
+        job.band_drift,
+        job.verdicts,
+        job.where,
+        job.context,
         time.perf_counter() - started,
     )
+
+
+@dataclass
+class CompareJob:
+    """One comparison: what the user asked for, and what its steps found (filled in as they run)."""
+
+    a: Path
+    b: Path
+    data: Path
+    split: str
+    max_images: int | None
+    baseline: Path | None
+    band_kind: str | None
+    perturbation: Perturbation | None
+    gate_spec: GateSpec | None
+    most_drifted: int
+    methods: list[str]
+    progress: bool
+    image_size: int
+    key: str = ""
+    n_images: int = 0
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    drift: pd.DataFrame | None = None
+    band_drift: pd.DataFrame | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    where: dict[str, pd.DataFrame] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def steps(self) -> tuple[Step[StudyConfig], ...]:
+        """The comparison as a study: data (images + the two checkpoints linked in as stages 1 and 2),
+        evaluate, explain, drift, band, gate, report."""
+        request = {"a": str(self.a), "b": str(self.b), "data": str(self.data), "split": self.split}
+        return (
+            Step("data", self.run_data, config=("data",), inputs=lambda c: request,
+                 outputs=lambda c, p: [p.data_dir, p.root / "models"]),
+            Step("evaluate", self.run_evaluate, reads=("data",), config=("stats",),
+                 outputs=lambda c, p: [p.eval_dir]),
+            Step("explain", self.run_explain, reads=("data",), config=("explain",),
+                 outputs=lambda c, p: [p.maps_root]),
+            Step("drift", self.run_drift, reads=("explain",), config=("drift", "stats"),
+                 outputs=lambda c, p: [p.drift, p.summary, p.localization_summary]),
+            Step("band", self.run_band, reads=("drift",), inputs=lambda c: {"band": self.band_kind},
+                 outputs=lambda c, p: [p.root / "band"]),
+            Step("gate", self.run_gate, reads=("band",), outputs=lambda c, p: [p.root / "gate"]),
+            Step("report", self.run_report, reads=("gate", "evaluate"), config=("report",),
+                 outputs=lambda c, p: [p.report, p.figures_dir]),
+        )  # fmt: skip
+
+    def run_data(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        from evidrift.data.sources import prepare_data
+
+        prepare_data(config, paths, input_size=self.image_size)
+        self.n_images = _select_images(paths, self.split)
+        if self.max_images is not None:
+            self.n_images = min(self.n_images, self.max_images)
+        self.key = config.models[0].key
+        for stage, checkpoint in (("1", self.a), ("2", self.b)):
+            target = paths.checkpoint(self.key, stage)
+            _link(checkpoint, target)
+            _link(checkpoint.with_suffix(".json"), target.with_suffix(".json"))
+
+    def run_evaluate(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        from evidrift.classifier.evaluate import evaluate_study
+
+        scope = "every usable image" if self.split == "all" else f"the {self.split} split"
+        evaluate_study(config, paths, ctx=ctx, title=f"classification of {scope} of --data")
+
+    def run_explain(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        from evidrift.studies.drift.explain import explain_run
+
+        for stage in (1, 2):
+            explain_run(config, paths, self.key, stage, ctx=ctx, progress=False)
+
+    def run_drift(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        from evidrift.studies.drift.analysis import run_drift
+
+        settings = drift_settings(config)
+        drift = run_drift(paths.root, settings, progress=False).drift
+        self.drift = stats.keyed_by_map_set(drift)  # the gates key map sets (method[@layer])
+        write_localization(config, paths, settings)
+        summary = pd.read_csv(paths.summary)
+        if summary["layer"].nunique() > 1:  # as the map sets are named
+            summary = summary.assign(method=summary["method"] + "@" + summary["layer"].astype(str))
+        self.summary = summary
+
+    def run_band(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        from evidrift.studies.compare.band import band_record
+
+        settings = drift_settings(config)
+        self.band_drift = _band(
+            config, paths, self.key, self.a, self.baseline, self.band_kind, self.perturbation, settings,
+            self.progress,
+        )  # fmt: skip
+        self.context = {
+            "a": str(self.a),
+            "b": str(self.b),
+            "baseline": str(self.baseline) if self.baseline is not None else None,
+            "band": band_record(paths) or None,
+            "data": str(self.data),
+            "n_images": self.n_images,
+            "methods": self.methods,
+            "alpha": self.gate_spec.alpha if self.gate_spec is not None else None,
+            "tolerance": self.gate_spec.tolerance if self.gate_spec is not None else None,
+            "run_dir": str(paths.root),
+            "report": str(paths.report),
+        }
+
+    def run_gate(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        assert self.drift is not None, "the drift step runs before the gate step"
+        self.verdicts, self.where = _gate(
+            paths, config, self.summary, self.drift, self.band_drift, self.band_kind, self.gate_spec,
+            self.methods, self.most_drifted, self.context,
+        )  # fmt: skip
+
+    def run_report(self, config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        from evidrift.studies.drift.report import build_report
+
+        a, b = self.a, self.b
+        build_report(
+            paths.root, config, stage_labels=(f"A ({a.name})", f"B ({b.name})"), subtitle=f"A = {a}, B = {b}"
+        )
 
 
 def _band(

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from evidrift import reversals as rev
 from evidrift import stats
+from evidrift.core.errors import DataError, MissingInputError
 from evidrift.core.io import write_csv_atomic, write_parquet_atomic
 from evidrift.core.maps_store import maps_shards, read_maps, read_maps_shard, stored_methods
 from evidrift.core.paths import RunPaths
@@ -53,7 +54,8 @@ from evidrift.metrics.drift import (
 if TYPE_CHECKING:
     from evidrift.studies.config import StudyConfig
 
-KEY_METRICS = ("spearman", "ssim", "topk_iou@0.1", "centroid_shift", "js")
+#: The headline drift metrics of the printed console table (the report shows more: REPORT_METRICS).
+CONSOLE_METRICS = ("spearman", "ssim", "topk_iou@0.1", "centroid_shift", "js")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def settings_from_config(run_dir: str | Path) -> DriftSettings:
 
 def stored_archs(paths: RunPaths) -> list[str]:
     """Architectures with a maps folder in the run."""
-    root = paths.root / "maps"
+    root = paths.maps_root
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
 
@@ -149,7 +151,7 @@ def input_size(paths: RunPaths, arch: str, meta: dict[str, str]) -> int:
     try:
         return int(default_input_size(arch))
     except ValueError as exc:
-        raise ValueError(
+        raise DataError(
             f"cannot tell the analysis size for arch {arch!r} (no input_size in its maps' metadata, "
             f"no image_size in the config, and: {exc}); set drift.size or pass --size"
         ) from exc
@@ -180,14 +182,14 @@ def drift_jobs(paths: RunPaths) -> list[tuple[str, str]]:
     the maps folder when there is none."""
     archs = stored_archs(paths)
     if not archs:
-        raise FileNotFoundError(f"no maps in {paths.root / 'maps'}; run `evidrift explain study.yaml` first")
+        raise MissingInputError(f"no maps in {paths.root / 'maps'}; run `evidrift explain study.yaml` first")
     jobs = [
         (arch, method)
         for arch in archs
         for method in sorted(set(stored_methods(paths, arch, 1)) & set(stored_methods(paths, arch, 2)))
     ]
     if not jobs:
-        raise FileNotFoundError(f"no method has maps at both stage1 and stage2 under {paths.root / 'maps'}")
+        raise MissingInputError(f"no method has maps at both stage1 and stage2 under {paths.root / 'maps'}")
     return jobs
 
 
@@ -342,18 +344,18 @@ def run_drift(
     null = rev.null_counts(found, settings.permutations, seed=settings.seed)
     reversal_summary = rev.reversal_summary(found, reversals, null)
     kendall = stats.kendall_between_methods(ranked, classes)
-    write_csv_atomic(paths.root / "equivalence.csv", equivalence)
+    write_csv_atomic(paths.equivalence, equivalence)
     write_csv_atomic(paths.summary, summary)
     write_csv_atomic(paths.rankings, ranked)
     write_csv_atomic(paths.reversals, reversals)
     write_csv_atomic(paths.reversals_summary, reversal_summary)
-    write_csv_atomic(paths.root / "tests.csv", tests)
-    write_csv_atomic(paths.root / "kendall.csv", kendall)
+    write_csv_atomic(paths.tests, tests)
+    write_csv_atomic(paths.kendall, kendall)
     return DriftOutputs(drift, summary, ranked, reversals, tests, kendall, equivalence, reversal_summary)
 
 
 def summary_rows(
-    summary: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS
+    summary: pd.DataFrame, metrics: Sequence[str] = CONSOLE_METRICS
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows (arch, layer, method, 'mean [lo, hi]' per key metric present) for printing; one row per
     equivalence class (its label, e.g. 'gradcam ≡ xgradcam', shown with its representative's figures)."""

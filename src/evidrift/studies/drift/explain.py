@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evidrift.core import distributed
+from evidrift.core.errors import MissingInputError, UsageError
 from evidrift.core.io import config_hash
 from evidrift.core.maps_store import maps_shards, read_maps_shard, write_maps_shard
 from evidrift.core.paths import RunPaths
@@ -63,7 +64,7 @@ def select_samples(
         chosen = test
     elif samples in ("tp_both", "tp_any"):
         if table is None:
-            raise ValueError(
+            raise UsageError(
                 f"explain.samples={samples!r} needs the evaluation table; run the evaluate step first"
             )
         ok1 = table["pred_stage1"].astype(int) == table["label"].astype(int)
@@ -72,7 +73,7 @@ def select_samples(
         ids = set(table.loc[keep, "id"].astype(str))
         chosen = test[test["id"].astype(str).isin(ids)]
     else:
-        raise ValueError(f"explain.samples must be tp_both, tp_any or all; got {samples!r}")
+        raise UsageError(f"explain.samples must be tp_both, tp_any or all; got {samples!r}")
     chosen = chosen.reset_index(drop=True)
     return chosen.iloc[:max_images].reset_index(drop=True) if max_images is not None else chosen
 
@@ -145,7 +146,7 @@ def explain_run(
     stage = int(stage)
     model_cfg = next((m for m in config.models if m.key == arch), None)
     if model_cfg is None:
-        raise ValueError(
+        raise UsageError(
             f"arch {arch!r} is not a model of the study; the models are {[m.key for m in config.models]}"
         )
     cfg = config.explain
@@ -161,7 +162,7 @@ def explain_run(
     test = frame[(frame["split"] == "test") & (frame["status"] == "ok")].reset_index(drop=True)
     table_path = paths.eval_table(arch)
     if cfg.samples != "all" and not table_path.is_file():
-        raise FileNotFoundError(f"{table_path} does not exist; run the evaluate step first (`evidrift run`)")
+        raise MissingInputError(f"{table_path} does not exist; run the evaluate step first (`evidrift run`)")
     table = pd.read_parquet(table_path) if cfg.samples != "all" else None
     chosen = select_samples(test, table, cfg.samples, cfg.max_images)
     ids = chosen["id"].astype(str).tolist()

@@ -42,9 +42,11 @@ from evidrift.report.method_labels import (
 )
 from evidrift.studies.compare.report import compare_gate_section, has_compare_gate
 from evidrift.studies.config import StudyConfig, dump_yaml, parse_config, study_hash
+from evidrift.studies.drift.localization import LOCALIZATION_METRICS
 
-#: Headline drift metrics (shown in the summary table and the distributions), in this order when present.
-KEY_METRICS = (
+#: The headline drift metrics of the report (summary table, distributions), in this order when present; the
+#: console table shows five (analysis.CONSOLE_METRICS).
+REPORT_METRICS = (
     "topk_iou@0.2",
     "dice@0.2",
     "zone_agreement",
@@ -60,9 +62,6 @@ KEY_METRICS = (
 
 #: The headline metrics split into the two drift tables: agreement (1 = identical) and change (0 = identical).
 AGREEMENT_METRICS = ("topk_iou@0.2", "dice@0.2", "zone_agreement", "pearson", "spearman", "cosine", "ssim")
-
-
-LOCALIZATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou@0.2", "pixel_auroc", "cnr")
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -141,7 +140,7 @@ def dataset_section(paths: RunPaths) -> Section:
 def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], draw: FigureWriter) -> Section:
     """Accuracy, macro-F1 and macro AUROC per arch × stage with bootstrap CIs (eval/classification.csv)."""
     section = Section("classification", "Classification", "Accuracy")
-    table = read_csv_or_none(paths.root / "eval" / "classification.csv")
+    table = read_csv_or_none(paths.classification)
     if table is None or table.empty:
         section.notes.append("No eval/classification.csv: the evaluate step has not run.")
         return section
@@ -167,7 +166,7 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
     section.figures.append(
         draw(F.classification_figure(table, stage_labels), "classification", "Classification")
     )
-    changes = read_csv_or_none(paths.root / "eval" / "accuracy_change.csv")
+    changes = read_csv_or_none(paths.accuracy_change)
     if changes is not None and not changes.empty:
         first, second = (stage_labels.get(s, f"stage {s}").split(" (")[0] for s in (1, 2))
         section.tables.append(
@@ -203,7 +202,7 @@ def drift_summary_section(
         return section
     low, high = ci_columns(summary)
     metrics = ordered(summary["metric"])
-    key = [m for m in KEY_METRICS if m in metrics] or metrics[:8]
+    key = [m for m in REPORT_METRICS if m in metrics] or metrics[:8]
     n_images = summary.groupby(["arch", "method"])["n"].max().astype(int).to_dict() if "n" in summary else {}
     section.intro = (
         f"Each row compares the maps of the same images under {stage_labels[0]} and {stage_labels[1]}; each "
@@ -277,7 +276,7 @@ def ranking_section(
         section.notes.append("One architecture only: there is nothing to rank.")
         return section
     reversals = reversals if reversals is not None else pd.DataFrame()
-    metrics = ordered(rankings["metric"], KEY_METRICS)
+    metrics = ordered(rankings["metric"], REPORT_METRICS)
     n_rev = len(reversals)
     section.intro = (
         "Rank 1 = the architecture whose explanations drift least under that method and metric "
@@ -330,7 +329,7 @@ def distribution_section(
         for c in drift.columns
         if c not in ("id", "arch", "method") and pd.api.types.is_float_dtype(drift[c])
     ]
-    key = [m for m in KEY_METRICS if m in numeric] or numeric[:8]
+    key = [m for m in REPORT_METRICS if m in numeric] or numeric[:8]
     section.intro = "Per-image values (boxes: quartiles, whiskers 1.5 IQR) of the headline metrics."
     section.figures.append(
         draw(F.distribution_figure(drift, key, methods, archs), "distributions", "Distributions")
@@ -347,7 +346,7 @@ def localization_section(
 ) -> Section:
     """Localization against the ground-truth masks (``localization_summary.csv``), when the data has masks."""
     section = Section("localization", "Localization against the lesion masks", "Localization")
-    summary = read_csv_or_none(paths.root / "localization_summary.csv")
+    summary = read_csv_or_none(paths.localization_summary)
     if summary is None or summary.empty:
         section.notes.append("The data has no lesion masks (or the localization step has not run).")
         return section
@@ -465,7 +464,7 @@ def overview_section(
     """The findings in a few sentences: accuracy per stage, the headline drift per architecture (range over
     methods), the rank reversals and the degenerate maps."""
     section = Section("overview", "At a glance", "Overview")
-    table = read_csv_or_none(paths.root / "eval" / "classification.csv")
+    table = read_csv_or_none(paths.classification)
     if summary is None or summary.empty:
         section.notes.append("The drift step has not run yet.")
         return section
@@ -473,7 +472,7 @@ def overview_section(
     headline = next(
         (m for m in ("topk_iou@0.2", "topk_iou@0.1", "spearman") if m in set(summary["metric"])), None
     )
-    changes = read_csv_or_none(paths.root / "eval" / "accuracy_change.csv")
+    changes = read_csv_or_none(paths.accuracy_change)
     for arch in archs:
         parts = [arch + ":"]
         if table is not None and not table.empty:
@@ -511,7 +510,7 @@ def overview_section(
             f"{summary_line(reversal_summary)} — between non-equivalent CAM methods, on the images explained "
             "under all four (architecture, method) cells; see Rankings."
         )
-    equivalence = read_csv_or_none(paths.root / "equivalence.csv")
+    equivalence = read_csv_or_none(paths.equivalence)
     if equivalence is not None and not equivalence.empty:
         for text in equivalence_sentences(equivalence):
             section.bullets.append(text)

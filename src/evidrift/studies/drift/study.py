@@ -1,21 +1,13 @@
-"""Orchestration of a study (DESIGN § 3): data → stage 0 → stage 1 → stage 2 → evaluate → explain → drift →
-report, with markers, resume and ``--force``.
+"""The drift study (DESIGN § 3): data → stage 0 → stage 1 → stage 2 → evaluate → explain → drift → report,
+declared as ``DRIFT_STEPS`` and run by the generic runner (``core.steps``: hashes, markers, resume,
+``--force``, ``--until``, torchrun barriers).
 
-Each step has a *step hash*: the hash of the config parts that step depends on plus the hashes of the steps
-it reads from (a DAG, not a chain: the classification CIs depend on ``stats`` but the maps do not, so a new
-``stats.n_boot`` reruns evaluate, drift and report and never explain; a new explain method reruns explain,
-drift and report and never training). A step runs in three moves:
-
-1. ``steps/{step}.started.json`` is written with the hash (so a later run knows what a partial output is);
-2. the step's library function runs — the training, explaining and data functions are resumable themselves
-   (epoch checkpoints, shards), so a step killed half-way resumes where it stopped;
-3. ``steps/{step}.json`` (``RunPaths.step_marker``) is written last with the hash.
-
-A step whose marker holds the current hash is skipped. When the hash of a partly or fully done step has
-changed, outputs that cannot be reused are removed first (maps of another model or method set), and
-training relies on the checkpoints' own stage hashes. The data step's hash includes a fingerprint of the
-files it read (``evidrift.data.sources.data_fingerprint``): when it changed, the run says what changed
-(files added, removed, modified) and redoes the data step and every step after it.
+Each step's hash covers the config keys it uses and the hashes of the steps it reads (a DAG, not a chain:
+the classification CIs depend on ``stats`` but the maps do not). Training, explaining and the data step are
+resumable themselves (epoch checkpoints, shards), so a step killed half-way resumes where it stopped. The
+data step's hash includes a fingerprint of the files it read (``evidrift.data.sources.data_fingerprint``):
+when it changed, the run says what changed (files added, removed, modified) and redoes the data step and
+every step after it.
 
 Before any work ``check_study`` checks what can be checked without training (method and metric names,
 architectures, CAM layers, weights files, data paths; ``evidrift validate`` runs it too), every path the run
@@ -29,160 +21,65 @@ every step ends at a barrier.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
-from evidrift.core import distributed
+from evidrift.core import distributed, steps
 from evidrift.core.config import ConfigError
 from evidrift.core.distributed import Context
-from evidrift.core.errors import EvidriftError
-from evidrift.core.io import config_hash, write_json_atomic, write_text_atomic
+from evidrift.core.errors import EvidriftError, UsageError
+from evidrift.core.io import write_text_atomic
 from evidrift.core.paths import RunPaths
-from evidrift.studies.config import StudyConfig, dump_yaml, resolved_dict, study_hash
+from evidrift.core.steps import Printer, Step, StepResult
+from evidrift.studies.config import StudyConfig, dump_yaml, resolved_dict
+from evidrift.studies.drift.localization import write_localization
 
 if TYPE_CHECKING:
     from evidrift.studies.drift.analysis import DriftSettings
 
 logger = logging.getLogger("evidrift.studies.drift.study")
 
-STEPS: tuple[str, ...] = ("data", "stage0", "stage1", "stage2", "evaluate", "explain", "drift", "report")
-#: The steps each step reads from (their hashes are part of its hash).
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "data": (),
-    "stage0": ("data",),
-    "stage1": ("stage0",),
-    "stage2": ("stage1",),
-    "evaluate": ("stage2",),
-    "explain": ("stage2",),
-    "drift": ("explain",),
-    "report": ("drift", "evaluate"),
-}
-Printer = Callable[[str], None]
-
 
 class StudyError(EvidriftError, RuntimeError):
     """A study that cannot go on; the message names the step, the file and what to do."""
 
 
-# --- step hashes --------------------------------------------------------------------------------------------
+# --- what each step depends on and writes ----------------------------------------------------------------
 def _stage_hashes(config: StudyConfig, stage: str) -> dict[str, str]:
     from evidrift.classifier.training import stage_hash, uses_stage0
 
     return {m.key: stage_hash(config, m, stage) for m in config.models if stage != "0" or uses_stage0(m)}
 
 
-def step_inputs(config: StudyConfig, step: str, fingerprint: dict[str, str] | None = None) -> dict[str, Any]:
-    """The config parts one step depends on (JSON-able), without the hashes of the steps it reads from. The
-    data step's include the digest of ``fingerprint`` (computed from ``config.data`` when None)."""
-    if step == "data":
-        from evidrift.data.sources import data_fingerprint, fingerprint_digest
+def _data_inputs(config: StudyConfig) -> dict[str, Any]:
+    """The digest of the files the data step reads (``data_fingerprint``), besides the ``data`` section."""
+    from evidrift.data.sources import data_fingerprint, fingerprint_digest
 
-        entries = data_fingerprint(config.data) if fingerprint is None else fingerprint
-        return {"data": config.data.model_dump(mode="json"), "files": fingerprint_digest(entries)}
-    if step in ("stage0", "stage1", "stage2"):
-        return {"stage_hashes": _stage_hashes(config, step[-1])}
-    if step == "evaluate":
-        return {
-            "models": [m.key for m in config.models],
-            "stats": config.stats.model_dump(mode="json"),
-            "batch_size": config.train.stage2.batch_size,
-        }
-    if step == "explain":
-        return {
-            "explain": config.explain.model_dump(mode="json"),
-            "cam_layers": {m.key: m.cam_layers for m in config.models},
-            "stage_hashes": {s: _stage_hashes(config, s) for s in ("1", "2")},
-        }
-    if step == "drift":
-        return {"drift": config.drift.model_dump(mode="json"), "stats": config.stats.model_dump(mode="json")}
-    if step == "report":
-        return {"study": study_hash(config)}
-    raise ValueError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
+    return {"files": fingerprint_digest(data_fingerprint(config.data))}
 
 
-def step_hashes(config: StudyConfig, fingerprint: dict[str, str] | None = None) -> dict[str, str]:
-    """The hash of every step: its own inputs plus the hashes of the steps it depends on (``fingerprint``:
-    the data's, when already computed)."""
-    hashes: dict[str, str] = {}
-    for step in STEPS:
-        upstream = {d: hashes[d] for d in DEPENDS[step]}
-        inputs = step_inputs(config, step, fingerprint)
-        hashes[step] = config_hash({"step": step, "inputs": inputs, "upstream": upstream})
-    return hashes
+def _stage_outputs(stage: str) -> Callable[[StudyConfig, RunPaths], list[Path]]:
+    def outputs(config: StudyConfig, paths: RunPaths) -> list[Path]:
+        return [f for m in config.models for f in sorted(paths.model_dir(m.key).glob(f"stage{stage}.*"))]
+
+    return outputs
 
 
-# --- markers ------------------------------------------------------------------------------------------------
-def _started_path(paths: RunPaths, step: str) -> Path:
-    return paths.step_marker(step).with_suffix(".started.json")
-
-
-def read_marker(path: Path) -> dict[str, Any] | None:
-    """A marker's content, or None when it is absent or unreadable (an interrupted write is never valid)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def step_done(paths: RunPaths, step: str, digest: str) -> bool:
-    """True when ``steps/{step}.json`` holds ``digest``."""
-    marker = read_marker(paths.step_marker(step))
-    return marker is not None and marker.get("hash") == digest
-
-
-def _previous_hash(paths: RunPaths, step: str) -> str | None:
-    """The hash the step last started or finished with (None when it never ran here)."""
-    for path in (_started_path(paths, step), paths.step_marker(step)):
-        marker = read_marker(path)
-        if marker is not None:
-            return str(marker.get("hash"))
-    return None
-
-
-def _remove(*targets: Path) -> None:
-    for target in targets:
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-
-
-def clear_outputs(config: StudyConfig, paths: RunPaths, step: str) -> None:
-    """Remove what ``step`` wrote (so that it is redone from scratch) and its markers."""
-    if step == "data":
-        _remove(paths.data_dir)
-    elif step in ("stage0", "stage1", "stage2"):
-        stage = step[-1]
-        for model in config.models:
-            folder = paths.model_dir(model.key)
-            if folder.is_dir():
-                _remove(*folder.glob(f"stage{stage}.*"))
-    elif step == "evaluate":
-        _remove(paths.root / "eval")
-    elif step == "explain":
-        _remove(paths.root / "maps")
-    elif step == "drift":
-        _remove(
-            paths.drift,
-            paths.summary,
-            paths.rankings,
-            paths.reversals,
-            paths.root / "tests.csv",
-            paths.root / "kendall.csv",
-            *paths.root.glob("localization*"),
-        )
-    elif step == "report":
-        _remove(paths.report, paths.figures_dir)
-    _remove(paths.step_marker(step), _started_path(paths, step))
+def _drift_outputs(config: StudyConfig, paths: RunPaths) -> list[Path]:
+    return [
+        paths.drift,
+        paths.summary,
+        paths.rankings,
+        paths.reversals,
+        paths.tests,
+        paths.kendall,
+        *sorted(paths.root.glob("localization*")),
+    ]
 
 
 def check_names(config: StudyConfig) -> None:
@@ -195,13 +92,13 @@ def check_names(config: StudyConfig) -> None:
         try:
             resolve_method(method)
         except ValueError as exc:
-            raise ValueError(f"explain.methods: {exc}") from None
+            raise UsageError(f"explain.methods: {exc}") from None
     if config.drift.metrics != "all":
         for metric in config.drift.metrics:
             try:
                 resolve_metric(metric)
             except ValueError as exc:
-                raise ValueError(f"drift.metrics: {exc}") from None
+                raise UsageError(f"drift.metrics: {exc}") from None
 
 
 def check_study(config: StudyConfig, source: str = "the study", data: bool = False) -> list[str]:
@@ -349,15 +246,6 @@ def check_same_study(config: StudyConfig, paths: RunPaths, replace: bool) -> boo
     )
 
 
-def force_steps(step: str) -> list[str]:
-    """``step`` and every step after it (what ``--force STEP`` redoes); ``all``: every step."""
-    if step == "all":
-        return list(STEPS)
-    if step not in STEPS:
-        raise ValueError(f"--force {step!r}: unknown step; choose one of {', '.join(STEPS)} (or all)")
-    return list(STEPS[STEPS.index(step) :])
-
-
 def _data_change(config: StudyConfig, paths: RunPaths, fingerprint: dict[str, str]) -> str:
     """What changed in the data step's inputs since it last ran here (one phrase)."""
     from evidrift.data.sources import fingerprint_changes, read_fingerprint
@@ -429,143 +317,6 @@ def run_drift(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
     write_localization(config, paths, settings)
 
 
-LOCALIZATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou@0.2", "pixel_auroc", "cnr")
-#: Box IoU threshold on the min-max normalized map (``box_iou@t``), for the images with CSV boxes.
-BOX_IOU_THRESHOLD = 0.5
-BOX_METRIC = f"box_iou@{BOX_IOU_THRESHOLD:g}"
-
-
-@dataclass
-class GroundTruth:
-    """The ground truth of one test image at the analysis size: ``mask`` bool [S, S] (the lesion mask, else
-    the boxes rasterised: ``box_derived``), ``boxes`` bool [S, S] (the union of the CSV boxes) or None."""
-
-    mask: Any
-    boxes: Any
-    box_derived: bool
-
-
-def _ground_truth_at(frame: pd.DataFrame, size: int, resize: str) -> dict[str, GroundTruth]:
-    """{image id: GroundTruth} with the model input's pad/crop geometry, for images whose mask (or boxes)
-    is non-empty. Boxes are pixel corners of the original image (``manifest.bbox``)."""
-    import torch
-
-    from evidrift.data.readers import image_size, read_mask
-    from evidrift.data.transforms import resize_image
-    from evidrift.metrics.localization import boxes_to_mask
-
-    def at_size(mask: Any) -> Any:
-        tensor = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-        return resize_image(tensor, size, resize, is_mask=True)[0, 0] > 0.5
-
-    out = {}
-    for row in frame.itertuples():
-        mask_path = getattr(row, "mask_path", None)
-        box_text = getattr(row, "bbox", None)
-        boxes = None
-        if isinstance(box_text, str) and box_text:
-            height, width = image_size(row.path)
-            boxes = at_size(boxes_to_mask([json.loads(box_text)], (height, width))[0])
-        if isinstance(mask_path, str) and mask_path:
-            mask, derived = at_size(read_mask(mask_path)), False
-        elif boxes is not None:
-            mask, derived = boxes, True
-        else:
-            continue
-        if mask.any():
-            out[str(row.id)] = GroundTruth(
-                mask, boxes if boxes is not None and boxes.any() else None, derived
-            )
-    return out
-
-
-def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> pd.DataFrame | None:
-    """Maps of both stages vs the lesion masks, or masks rasterised from the CSV's boxes when an image has
-    no mask (column ``box_derived``): one row per (id, arch, stage, method), a column per
-    ``LOCALIZATION_METRICS`` and ``box_iou@0.5`` (NaN without boxes), at the drift analysis size; None when
-    the data has neither masks nor boxes."""
-    import torch
-
-    from evidrift.core.maps_store import read_maps, stored_methods
-    from evidrift.metrics import localization as loc
-    from evidrift.metrics.common import AnalysisMaps
-    from evidrift.studies.drift.analysis import drift_jobs, stored_archs, study_analysis_size
-
-    manifest = pd.read_parquet(paths.manifest)
-    has_mask = manifest["mask_path"].notna() if "mask_path" in manifest.columns else False
-    has_box = manifest["bbox"].notna() if "bbox" in manifest.columns else False
-    with_truth = manifest[(has_mask | has_box) & (manifest["status"] == "ok")]
-    if with_truth.empty:
-        return None
-    with_truth = with_truth[with_truth["split"] == "test"]
-    rows = []
-    truth_by_size: dict[int, dict[str, GroundTruth]] = {}
-    size = study_analysis_size(paths, drift_jobs(paths), settings)  # the drift step's one grid
-    for arch in stored_archs(paths):
-        for stage in (1, 2):
-            for method in stored_methods(paths, arch, stage):
-                maps, ids, _ = read_maps(paths, arch, stage, method)
-                if size not in truth_by_size:
-                    truth_by_size[size] = _ground_truth_at(with_truth, size, config.data.resize)
-                truth = truth_by_size[size]
-                keep = [i for i, image_id in enumerate(ids) if image_id in truth]
-                if not keep:
-                    continue
-                found = [truth[ids[i]] for i in keep]
-                gt = torch.stack([t.mask for t in found])
-                prepared = AnalysisMaps(maps[keep], size)
-                values = {
-                    "pointing_game": loc.pointing_game(prepared, gt),
-                    "energy_pointing_game": loc.energy_pointing_game(prepared, gt),
-                    "mask_iou@0.2": loc.mask_iou(prepared, gt, k=0.2),
-                    "pixel_auroc": loc.pixel_auroc(prepared, gt),
-                    "cnr": loc.cnr(prepared, gt),
-                }
-                with_boxes = [j for j, t in enumerate(found) if t.boxes is not None]
-                box_iou = torch.full((len(keep),), float("nan"), dtype=torch.float64)
-                if with_boxes:
-                    boxes = torch.stack([found[j].boxes for j in with_boxes])
-                    box_iou[with_boxes] = loc.box_iou(
-                        AnalysisMaps(maps[[keep[j] for j in with_boxes]], size), boxes, t=BOX_IOU_THRESHOLD
-                    )
-                values[BOX_METRIC] = box_iou
-                for j, i in enumerate(keep):
-                    rows.append(
-                        {
-                            "id": ids[i],
-                            "arch": arch,
-                            "stage": stage,
-                            "method": method,
-                            "box_derived": found[j].box_derived,
-                            **{name: float(v[j]) for name, v in values.items()},
-                        }
-                    )
-    return pd.DataFrame(rows) if rows else None
-
-
-def write_localization(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> None:
-    """``localization.parquet`` and ``localization_summary.csv`` (mean, bootstrap CI per arch × stage × method
-    × metric; ``box_derived``: how many of the images' masks were rasterised from boxes) when the data has
-    lesion masks or boxes; nothing otherwise."""
-    from evidrift import stats
-    from evidrift.core.io import write_csv_atomic, write_parquet_atomic
-
-    table = localization_table(config, paths, settings)
-    if table is None:
-        return
-    write_parquet_atomic(paths.root / "localization.parquet", table)
-    parts = []
-    metrics = [*LOCALIZATION_METRICS, *([BOX_METRIC] if table[BOX_METRIC].notna().any() else [])]
-    for stage, group in table.groupby("stage", sort=True):
-        summary = stats.summarize(group, metrics, n_boot=settings.n_boot, ci=settings.ci, seed=settings.seed)
-        summary.insert(2, "stage", int(stage))
-        derived = group.groupby(["arch", "method"])["box_derived"].sum()
-        pairs = zip(summary["arch"], summary["method"], strict=True)
-        summary["box_derived"] = [int(derived[(arch, method)]) for arch, method in pairs]
-        parts.append(summary)
-    write_csv_atomic(paths.root / "localization_summary.csv", pd.concat(parts, ignore_index=True))
-
-
 def run_report(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
     if ctx.is_main and config.report.enabled:
         from evidrift.studies.drift.report import build_report
@@ -573,27 +324,80 @@ def run_report(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
         build_report(paths.root, config)
 
 
-RUNNERS: dict[str, Callable[[StudyConfig, RunPaths, Context], None]] = {
-    "data": run_data,
-    "stage0": _run_stage("0"),
-    "stage1": _run_stage("1"),
-    "stage2": _run_stage("2"),
-    "evaluate": run_evaluate,
-    "explain": run_explain,
-    "drift": run_drift,
-    "report": run_report,
-}
-#: Steps whose partial outputs from another config must go before they run again (training checks its own
-#: stage hashes per model; data, evaluate, drift and report overwrite their files).
-CLEAR_ON_CHANGE = frozenset({"explain"})
+def _report_inputs(config: StudyConfig) -> dict[str, Any]:
+    """What the report shows besides the tables it reads: the models' names, the seed, the data's resize."""
+    return {"models": [m.key for m in config.models], "seed": config.seed, "resize": config.data.resize}
 
 
-@dataclass
-class StepResult:
-    step: str
-    status: str  # "ran" or "skipped"
-    seconds: float
-    digest: str
+#: The drift study, in order. Each step's hash covers the config keys it uses and the steps it reads: a new
+#: ``stats.n_boot`` reruns evaluate, drift and report and never explain; a new explain method reruns explain,
+#: drift and report and never training; the probe and sanity sections rerun none of them.
+DRIFT_STEPS: tuple[Step[StudyConfig], ...] = (
+    Step("data", run_data, config=("data",), inputs=_data_inputs, outputs=lambda c, p: [p.data_dir]),
+    Step(
+        "stage0",
+        _run_stage("0"),
+        reads=("data",),
+        inputs=lambda c: {"stages": _stage_hashes(c, "0")},
+        outputs=_stage_outputs("0"),
+    ),
+    Step(
+        "stage1",
+        _run_stage("1"),
+        reads=("stage0",),
+        inputs=lambda c: {"stages": _stage_hashes(c, "1")},
+        outputs=_stage_outputs("1"),
+    ),
+    Step(
+        "stage2",
+        _run_stage("2"),
+        reads=("stage1",),
+        inputs=lambda c: {"stages": _stage_hashes(c, "2")},
+        outputs=_stage_outputs("2"),
+    ),
+    Step(
+        "evaluate",
+        run_evaluate,
+        reads=("stage2",),
+        config=("stats", "train.stage2.batch_size"),
+        inputs=lambda c: {"models": [m.key for m in c.models]},
+        outputs=lambda c, p: [p.eval_dir],
+    ),
+    Step(
+        "explain",
+        run_explain,
+        reads=("stage2",),
+        config=("explain",),
+        inputs=lambda c: {
+            "cam_layers": {m.key: m.cam_layers for m in c.models},
+            "stages": {s: _stage_hashes(c, s) for s in ("1", "2")},
+        },
+        outputs=lambda c, p: [p.maps_root],
+        clear_on_change=True,
+    ),
+    Step("drift", run_drift, reads=("explain",), config=("drift", "stats"), outputs=_drift_outputs),
+    Step(
+        "report",
+        run_report,
+        reads=("drift", "evaluate"),
+        config=("report",),
+        inputs=_report_inputs,
+        outputs=lambda c, p: [p.report, p.figures_dir],
+    ),
+)
+#: The step names, in order.
+STEPS: tuple[str, ...] = tuple(step.name for step in DRIFT_STEPS)
+Runner = Callable[[StudyConfig, RunPaths, Context], None]
+
+
+def step_hashes(config: StudyConfig) -> dict[str, str]:
+    """The hash of every drift step (``core.steps.step_hashes`` of ``DRIFT_STEPS``)."""
+    return steps.step_hashes(DRIFT_STEPS, config)
+
+
+def force_steps(step: str) -> list[str]:
+    """``step`` and every step after it (what ``--force STEP`` redoes); ``all``: every step."""
+    return [s.name for s in steps.steps_from(DRIFT_STEPS, step)]
 
 
 def run_study(
@@ -603,9 +407,9 @@ def run_study(
     until: str | None = None,
     ctx: Context | None = None,
     echo: Printer | None = None,
-    runners: dict[str, Callable[[StudyConfig, RunPaths, Context], None]] | None = None,
+    runners: Mapping[str, Runner] | None = None,
 ) -> list[StepResult]:
-    """Run the study's steps in order, skipping the done ones; returns what each step did.
+    """Check the study, then run ``DRIFT_STEPS`` on the generic runner; returns what each step did.
 
     ``paths``: the run directory (default ``config.output.dir``); ``force``: steps to redo together with
     every step after them; ``until``: stop after this step; ``echo``: one line per step (e.g. ``print``);
@@ -613,67 +417,27 @@ def run_study(
     """
     paths = paths or RunPaths.at(config.output.dir)
     ctx = ctx or distributed.setup(config.train.device)
-    runners = {**RUNNERS, **(runners or {})}
+    declared = tuple(replace(s, run=runners[s.name]) if s.name in (runners or {}) else s for s in DRIFT_STEPS)
     say = echo if (echo is not None and ctx.is_main) else (lambda _line: None)
-    if until is not None and until not in STEPS:
-        raise ValueError(f"--until {until!r}: unknown step; choose one of {', '.join(STEPS)}")
+    steps.check_until(declared, until)
+    redo = {s.name for name in force for s in steps.steps_from(declared, name)}
     check_study(config)
     check_paths_inside(config, paths)
-    redo: set[str] = set()
-    for step in force:
-        redo.update(force_steps(step))
     replacing = check_same_study(config, paths, replace=redo == set(STEPS))
     from evidrift.data.sources import data_fingerprint
 
     fingerprint = data_fingerprint(config.data)
-    hashes = step_hashes(config, fingerprint)
+    hashes = steps.step_hashes(declared, config)
     if ctx.is_main:
         if replacing:
             say(f"[all] {paths.root} held another study: replacing it (--force all)")
-            _remove(paths.root / "models")
+            steps.remove(paths.root / "models")
         paths.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(paths.config, dump_yaml(config))
-        for step in STEPS:
-            if step in redo:
-                clear_outputs(config, paths, step)
-        previous = _previous_hash(paths, "data")
-        if previous is not None and previous != hashes["data"]:
+        previous = steps.previous_hash(paths, "data")
+        if previous is not None and previous != hashes["data"] and "data" not in redo:
             say(f"[data] {_data_change(config, paths, fingerprint)}: redoing data and every step after it")
-            for step in STEPS[1:]:
-                clear_outputs(config, paths, step)
+            for step in declared:
+                steps.clear_step(step, config, paths)
     distributed.barrier(ctx)
-    results: list[StepResult] = []
-    for step in STEPS:
-        digest = hashes[step]
-        if step_done(paths, step, digest):
-            results.append(StepResult(step, "skipped", 0.0, digest))
-            say(f"[{step}] done before (hash {digest}), skipped")
-        else:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            if ctx.is_main:
-                previous = _previous_hash(paths, step)
-                if step in CLEAR_ON_CHANGE and previous is not None and previous != digest:
-                    clear_outputs(config, paths, step)
-                write_json_atomic(_started_path(paths, step), {"step": step, "hash": digest})
-            distributed.barrier(ctx)
-            say(f"[{step}] running ...")
-            runners[step](config, paths, ctx)
-            distributed.barrier(ctx)
-            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            if ctx.is_main:
-                write_json_atomic(
-                    paths.step_marker(step),
-                    {
-                        "step": step,
-                        "hash": digest,
-                        "seconds": round(seconds, 3),
-                        "cpu_seconds": round(cpu, 3),
-                    },
-                )
-                _remove(_started_path(paths, step))
-            distributed.barrier(ctx)
-            results.append(StepResult(step, "ran", seconds, digest))
-            say(f"[{step}] done in {seconds:.1f} s")
-        if step == until:
-            break
-    return results
+    return steps.run_steps(declared, config, paths, ctx, force=force, until=until, echo=echo, hashes=hashes)

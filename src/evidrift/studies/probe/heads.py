@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from evidrift.cam.lrp import register_pass_module
+from evidrift.core.errors import UsageError
 from evidrift.studies.probe import bcos
 
 #: Head names → (kind, number of layers, bias).
@@ -92,7 +93,7 @@ def build_probe_head(
     """The reference head ``head`` (a key of ``PROBE_HEADS``) for K = ``in_channels`` feature channels;
     ``scale`` [K] the per-channel standardization (None = none). Initialization: PyTorch's defaults."""
     if head not in PROBE_HEADS:
-        raise ValueError(f"probe head {head!r} is not one of {list(PROBE_HEADS)}")
+        raise UsageError(f"probe head {head!r} is not one of {list(PROBE_HEADS)}")
     kind, num_layers, bias = PROBE_HEADS[head]
     standardize = ChannelScale(scale if scale is not None else torch.ones(in_channels))
     if kind == "bcos":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import matplotlib
 
+from evidrift.core.paths import RunPaths
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -25,8 +27,7 @@ from matplotlib.figure import Figure
 
 from evidrift.report.figures import legend_above, render_png, style
 from evidrift.studies.probe.stats import metric_order
-from evidrift.studies.probe.study import PROBE_FILES
-from evidrift.studies.sanity.study import SANITY_FILES, SIMILARITY_METRICS
+from evidrift.studies.sanity.study import SIMILARITY_METRICS
 
 _LINES = ("-", "--", ":", "-.")
 
@@ -194,7 +195,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
     root = Path(run_dir)
     figures = root / "figures"
     parts: list[str] = []
-    probe_summary = root / PROBE_FILES["summary"]
+    probe_summary = RunPaths.at(root).probe_summary
     if probe_summary.is_file():
         summary = pd.read_csv(probe_summary)
         parts.append('<section id="probe"><h2>Head probing</h2>')
@@ -204,7 +205,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
             "cell of an n&times;n grid of full-size images (chance 1/n&sup2;); pointing games against the "
             "lesion masks. Bold: best variant per metric.</p>"
         )
-        pool_file = root / PROBE_FILES["pool"]
+        pool_file = RunPaths.at(root).probe_pool
         if pool_file.is_file():
             pool = pd.read_csv(pool_file)
             cols = ["arch", "class", "n_test", "n_pool"]
@@ -222,7 +223,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
             if not figure.is_file():
                 write_probe_figures(summary[summary["arch"] == arch], figures)
             parts.append(_img(figure, f"head probing figure for {arch}"))
-        baseline_file = root / PROBE_FILES["baseline"]
+        baseline_file = RunPaths.at(root).probe_baseline
         if baseline_file.is_file():
             versus = pd.read_csv(baseline_file)
             local = versus[versus["metric"].str.split("@").str[0].isin(["gridpg", "energy_pointing_game"])]
@@ -235,7 +236,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
                 cols = ["arch", "method", "metric", "variant", "n", "mean_diff", "ci_low", "ci_high"]
                 cols.append("p_holm")
                 parts.append(_table(cols, [[_cell(r[c]) for c in cols] for _, r in local.iterrows()]))
-        pairs_file = root / PROBE_FILES["pairs"]
+        pairs_file = RunPaths.at(root).probe_pairs
         if pairs_file.is_file():
             pairs = pd.read_csv(pairs_file)
             significant = pairs[pairs["significant"].astype(bool)]
@@ -248,7 +249,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
                 rows = [[_cell(r[c]) for c in cols] for _, r in significant.head(40).iterrows()]
                 parts.append(_table(cols, rows))
         parts.append("</section>")
-    sanity_summary = root / SANITY_FILES["summary"]
+    sanity_summary = RunPaths.at(root).sanity_summary
     if sanity_summary.is_file():
         summary = pd.read_csv(sanity_summary)
         parts.append('<section id="sanity"><h2>Sanity checks: parameter randomization</h2>')
@@ -256,7 +257,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
             "<p>Similarity of the maps to the trained model's maps while blocks are re-initialized, from "
             "the head down (cascading) or one at a time (independent). Faithful maps fall towards 0.</p>"
         )
-        selftest = root / SANITY_FILES["selftest"]
+        selftest = RunPaths.at(root).sanity_selftest
         if selftest.is_file():
             result = json.loads(selftest.read_text(encoding="utf-8"))
             rows = [

@@ -24,7 +24,7 @@ PROBE_METRICS: tuple[str, ...] = (
     "grid_gini",
 )
 #: Localization metrics (higher is better) used to name the best variant.
-LOCALIZATION_METRICS: tuple[str, ...] = ("gridpg", "energy_pointing_game", "pointing_game")
+PROBE_LOCALIZATION_METRICS: tuple[str, ...] = ("gridpg", "energy_pointing_game", "pointing_game")
 
 
 def metric_order(names: Sequence[str]) -> list[str]:
@@ -172,7 +172,7 @@ def best_variants(summary: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, method, localization metric) the variant with the highest mean, with its CI and the
     runner-up's mean: arch, method, metric, variant, mean, ci_low, ci_high, runner_up, runner_up_mean."""
     rows = []
-    local = summary[summary["metric"].str.split("@").str[0].isin(LOCALIZATION_METRICS)]
+    local = summary[summary["metric"].str.split("@").str[0].isin(PROBE_LOCALIZATION_METRICS)]
     for (arch, method, metric), part in local.groupby(["arch", "method", "metric"], sort=False):
         ranked = part.dropna(subset=["mean"]).sort_values("mean", ascending=False)
         if ranked.empty:

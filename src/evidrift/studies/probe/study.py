@@ -43,9 +43,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -69,8 +70,10 @@ from evidrift.classifier.training import (
 )
 from evidrift.core.config import ConfigError
 from evidrift.core.distributed import Context
+from evidrift.core.errors import DataError, UsageError
 from evidrift.core.io import config_hash, save_safetensors_atomic, write_csv_atomic, write_parquet_atomic
 from evidrift.core.paths import RunPaths
+from evidrift.core.steps import Step, run_steps
 from evidrift.metrics import complexity, localization
 from evidrift.studies.config import StudyConfig, load_config
 from evidrift.studies.probe import attributions as probe_attributions
@@ -97,9 +100,9 @@ class ProbeVariant:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"probe loss {self.loss!r} is not one of {list(LOSSES)}")
+            raise UsageError(f"probe loss {self.loss!r} is not one of {list(LOSSES)}")
         if self.head not in HEADS:
-            raise ValueError(f"probe head {self.head!r} is not one of {list(HEADS)}")
+            raise UsageError(f"probe head {self.head!r} is not one of {list(HEADS)}")
 
     @property
     def name(self) -> str:
@@ -129,7 +132,7 @@ def probe_loss(
         off = off_label if off_label is not None else 1.0 / n_classes
         targets = F.one_hot(labels, n_classes).float().clamp_min(off)
         return F.binary_cross_entropy_with_logits(logits.float(), targets)
-    raise ValueError(f"probe loss must be 'ce' or 'bce', got {loss!r}")
+    raise UsageError(f"probe loss must be 'ce' or 'bce', got {loss!r}")
 
 
 def variant_probabilities(logits: torch.Tensor, variant: ProbeVariant) -> torch.Tensor:
@@ -310,7 +313,7 @@ def cache_split(
             if "mask" in item:
                 masks.append(item["mask"] > 0.5)
     if not acts:
-        raise ValueError(f"{desc}: no images (check the manifest's splits)")
+        raise DataError(f"{desc}: no images (check the manifest's splits)")
     return CachedSplit(
         activations=torch.cat(acts),
         labels=torch.cat(labels),
@@ -507,16 +510,6 @@ def score_variant(
 
 # --- the study ----------------------------------------------------------------------------------------------
 #: Files of the probing study in the run directory.
-PROBE_FILES: dict[str, str] = {
-    "table": "probe.parquet",
-    "summary": "probe_summary.csv",
-    "pairs": "probe_pairs.csv",
-    "pool": "probe_pool.csv",
-    "baseline": "probe_vs_baseline.csv",
-    "work": "probe",
-}
-
-
 def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     return frame[(frame["split"] == split) & (frame["status"] == "ok")].reset_index(drop=True)
 
@@ -647,7 +640,7 @@ def probe_model(
                     "training": training,
                 }
             )
-            work = paths.root / PROBE_FILES["work"] / key / variant.name
+            work = paths.probe_work / key / variant.name
             head = trained_head(
                 variant, train, val, len(classes), scale_tensor, probe, work, tag, device, progress
             )
@@ -728,35 +721,107 @@ _TRAINING_KEYS = (
 )
 
 
+def _model_table(paths: RunPaths, key: str) -> Path:
+    return paths.probe_work / key / "rows.parquet"
+
+
+def _model_pool(paths: RunPaths, key: str) -> Path:
+    return paths.probe_work / key / "pool.csv"
+
+
+def _probe_model_inputs(config: StudyConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+    """What one model's probe depends on besides ``probe``: its backbone (the stages it comes from)."""
+    return {
+        "model": model_cfg.model_dump(mode="json"),
+        "stages": {s: stage_hash(config, model_cfg, s) for s in ("0", "1", "2")},
+    }
+
+
+def probe_steps(config: StudyConfig, progress: bool = True) -> tuple[Step[StudyConfig], ...]:
+    """The probing study: ``probe-data`` (the run's manifest, prepared when missing), one ``probe-{model}``
+    step per model (heads trained, explained, scored; resumable per variant through ``probe/``), then
+    ``probe-summary`` (the tables). Markers live in ``steps/`` beside the drift study's."""
+
+    def run_data(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        load_study_data(config, paths)
+
+    def run_model(model_cfg: ModelConfig) -> Callable[[StudyConfig, RunPaths, Context], None]:
+        def run(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+            frame, classes = load_study_data(config, paths)
+            rows, pool = probe_model(config, paths, model_cfg, frame, classes, ctx, progress)
+            write_parquet_atomic(_model_table(paths, model_cfg.key), pd.DataFrame(rows))
+            write_csv_atomic(_model_pool(paths, model_cfg.key), pd.DataFrame(pool))
+
+        return run
+
+    def run_summary(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        write_probe_tables(config, paths)
+
+    def summary_outputs(config: StudyConfig, paths: RunPaths) -> list[Path]:
+        return [
+            paths.probe_table,
+            paths.probe_pool,
+            paths.probe_summary,
+            paths.probe_pairs,
+            paths.probe_baseline,
+        ]
+
+    model_steps = [
+        Step(
+            f"probe-{m.key}",
+            run_model(m),
+            reads=("probe-data",),
+            config=("probe", "seed", "train.deterministic"),
+            inputs=lambda c, m=m: _probe_model_inputs(c, m),
+            outputs=lambda c, p, m=m: [_model_table(p, m.key), _model_pool(p, m.key)],
+        )
+        for m in config.models
+    ]
+    return (
+        Step("probe-data", run_data, config=("data",)),
+        *model_steps,
+        Step("probe-summary", run_summary, reads=tuple(s.name for s in model_steps), config=("stats",),
+             outputs=summary_outputs),
+    )  # fmt: skip
+
+
+def write_probe_tables(config: StudyConfig, paths: RunPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``probe.parquet``, ``probe_pool.csv``, ``probe_summary.csv``, ``probe_pairs.csv`` and
+    ``probe_vs_baseline.csv`` from the per-model tables; returns (summary, pairs)."""
+    columns = ["arch", "variant", "loss", "head", "method", "unit", "unit_id", "target", "metric", "value"]
+    parts = [pd.read_parquet(_model_table(paths, m.key)).assign(arch=m.key) for m in config.models]
+    table = pd.concat(parts, ignore_index=True)[columns]
+    pools = pd.concat([pd.read_csv(_model_pool(paths, m.key)) for m in config.models], ignore_index=True)
+    write_parquet_atomic(paths.probe_table, table)
+    write_csv_atomic(paths.probe_pool, pools)
+    summary, pairs = summarize_probe(table, config)
+    write_csv_atomic(paths.probe_summary, summary)
+    write_csv_atomic(paths.probe_pairs, pairs)
+    baseline = versus_baseline(
+        table, BASELINE, config.stats.n_boot, config.stats.ci, config.stats.seed, config.stats.alpha
+    )
+    write_csv_atomic(paths.probe_baseline, baseline)
+    return summary, pairs
+
+
 def run_probe(
-    config: StudyConfig, paths: RunPaths, progress: bool = True
+    config: StudyConfig,
+    paths: RunPaths,
+    progress: bool = True,
+    force: Iterable[str] = (),
+    until: str | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The probing study for every model of ``config``: writes ``probe.parquet``, ``probe_summary.csv``,
-    ``probe_pairs.csv`` and ``probe_pool.csv`` into the run directory; returns (summary, pairs)."""
+    """The probing study for every model of ``config`` on the step runner (``probe_steps``): writes
+    ``probe.parquet``, ``probe_summary.csv``, ``probe_pairs.csv``, ``probe_pool.csv`` and
+    ``probe_vs_baseline.csv`` into the run directory; returns (summary, pairs). Done steps are skipped."""
     from evidrift.core.distributed import resolve_device
 
     for name in config.probe.methods:
         resolve_probe_method(name)  # fail before any training
     ctx = Context(device=resolve_device(config.train.device))
-    frame, classes = load_study_data(config, paths)
-    rows: list[dict[str, object]] = []
-    pools: list[dict[str, object]] = []
-    for model_cfg in config.models:
-        model_rows, pool = probe_model(config, paths, model_cfg, frame, classes, ctx, progress)
-        rows += [{"arch": model_cfg.key, **row} for row in model_rows]
-        pools += pool
-    columns = ["arch", "variant", "loss", "head", "method", "unit", "unit_id", "target", "metric", "value"]
-    table = pd.DataFrame(rows)[columns]
-    write_parquet_atomic(paths.root / PROBE_FILES["table"], table)
-    write_csv_atomic(paths.root / PROBE_FILES["pool"], pd.DataFrame(pools))
-    summary, pairs = summarize_probe(table, config)
-    write_csv_atomic(paths.root / PROBE_FILES["summary"], summary)
-    write_csv_atomic(paths.root / PROBE_FILES["pairs"], pairs)
-    baseline = versus_baseline(
-        table, BASELINE, config.stats.n_boot, config.stats.ci, config.stats.seed, config.stats.alpha
-    )
-    write_csv_atomic(paths.root / PROBE_FILES["baseline"], baseline)
-    return summary, pairs
+    run_steps(probe_steps(config, progress), config, paths, ctx, force=force, until=until, echo=echo)
+    return pd.read_csv(paths.probe_summary), pd.read_csv(paths.probe_pairs)
 
 
 def quick_config(out: str | os.PathLike[str]) -> StudyConfig:

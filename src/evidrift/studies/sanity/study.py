@@ -20,13 +20,14 @@ randomized model a large one.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,11 @@ from tqdm.auto import tqdm
 from evidrift import stats
 from evidrift.classifier import models
 from evidrift.classifier.config import ModelConfig
+from evidrift.core.distributed import Context
+from evidrift.core.errors import DataError, UsageError
 from evidrift.core.io import write_csv_atomic, write_json_atomic, write_parquet_atomic
 from evidrift.core.paths import RunPaths
+from evidrift.core.steps import Step, run_steps
 from evidrift.studies.config import StudyConfig
 
 logger = logging.getLogger("evidrift.studies.sanity.study")
@@ -132,7 +136,7 @@ def hog_features(maps: torch.Tensor, cell: int = 16) -> torch.Tensor:
         raise ValueError(f"maps must be [N, H, W], got shape {tuple(maps.shape)}")
     n_cells = min(maps.shape[-2], maps.shape[-1]) // cell
     if n_cells < 1:
-        raise ValueError(
+        raise UsageError(
             f"maps of {tuple(maps.shape[-2:])} pixels hold no {cell}x{cell} HOG cell; lower hog_cell"
         )
     per_block = min(3, n_cells)
@@ -263,7 +267,7 @@ def randomization_curves(
     """
     for mode in modes:
         if mode not in ("cascading", "independent"):
-            raise ValueError(f"sanity mode must be 'cascading' or 'independent', got {mode!r}")
+            raise UsageError(f"sanity mode must be 'cascading' or 'independent', got {mode!r}")
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
     blocks = list(blocks) if blocks is not None else randomization_blocks(model)
     reference = explain_model(model, layer, images, targets, methods, batch_size)
@@ -384,14 +388,6 @@ def self_test(
 
 # --- the study ----------------------------------------------------------------------------------------------
 #: Files of the sanity checks in the run directory.
-SANITY_FILES: dict[str, str] = {
-    "table": "sanity.parquet",
-    "summary": "sanity_summary.csv",
-    "selftest": "sanity_selftest.json",
-    "work": "sanity",
-}
-
-
 def sanity_modes(mode: str) -> list[Mode]:
     """``both`` → [cascading, independent]; otherwise [mode]."""
     return ["cascading", "independent"] if mode == "both" else [mode]  # type: ignore[list-item]
@@ -424,7 +420,7 @@ def sample_test_images(
     frame, classes = load_manifest(paths)
     test = frame[(frame["split"] == "test") & (frame["status"] == "ok")]
     if test.empty:
-        raise ValueError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
+        raise DataError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
     test = test.sample(n=min(n_images, len(test)), random_state=seed).reset_index(drop=True)
     dataset = ManifestDataset(
         test,
@@ -450,47 +446,103 @@ def summarize_curves(
     return stats.summarize_values(long, [*keys, "metric"], n_boot=n_boot, ci=ci, seed=seed)
 
 
-def run_sanity(
-    config: StudyConfig, paths: RunPaths, progress: bool = True
+def _model_curves(paths: RunPaths, key: str) -> Path:
+    return paths.sanity_work / key / "curves.parquet"
+
+
+def _model_checks(paths: RunPaths, key: str) -> Path:
+    return paths.sanity_work / key / "checks.json"
+
+
+def sanity_model(
+    config: StudyConfig, paths: RunPaths, model_cfg: ModelConfig, progress: bool = True
 ) -> tuple[pd.DataFrame, list[dict[str, object]]]:
-    """Randomization curves and the self-test for every model of the study; writes ``sanity.parquet``,
-    ``sanity_summary.csv`` and ``sanity_selftest.json``. Returns (summary, self-test records)."""
+    """Randomization curves and the self-test of one model: (curves, self-test records)."""
     cfg = config.sanity
-    curves, checks = [], []
-    for model_cfg in config.models:
-        checkpoint = sanity_checkpoint(config, paths, model_cfg, progress)
-        model, meta = models.load_checkpoint(checkpoint)
-        layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model, model_cfg.arch)
-        images, labels, ids = sample_test_images(config, paths, meta, cfg.n_images, cfg.seed)
-        with torch.random.fork_rng(devices=[]):
-            frame = randomization_curves(
-                model,
-                layer[0],
-                images,
-                labels,
-                cfg.methods,
-                sanity_modes(cfg.mode),
-                cfg.seed,
-                cfg.hog_cell,
-                config.explain.batch_size,
-                ids,
-                progress,
-            )
-        frame.insert(0, "arch", model_cfg.key)
-        frame.insert(1, "checkpoint", checkpoint.name)
-        curves.append(frame)
-        work = paths.root / SANITY_FILES["work"]
-        work.mkdir(parents=True, exist_ok=True)
+    checkpoint = sanity_checkpoint(config, paths, model_cfg, progress)
+    model, meta = models.load_checkpoint(checkpoint)
+    layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model, model_cfg.arch)
+    images, labels, ids = sample_test_images(config, paths, meta, cfg.n_images, cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        frame = randomization_curves(
+            model,
+            layer[0],
+            images,
+            labels,
+            cfg.methods,
+            sanity_modes(cfg.mode),
+            cfg.seed,
+            cfg.hog_cell,
+            config.explain.batch_size,
+            ids,
+            progress,
+        )
+    frame.insert(0, "arch", model_cfg.key)
+    frame.insert(1, "checkpoint", checkpoint.name)
+    work = paths.sanity_work
+    work.mkdir(parents=True, exist_ok=True)
+    checks = [
+        {"arch": model_cfg.key, **record}
         for record in self_test(
             checkpoint, images, labels, cfg.methods, work, cfg.seed, config.explain.batch_size
-        ):
-            checks.append({"arch": model_cfg.key, **record})
+        )
+    ]
+    return frame, checks
+
+
+def sanity_steps(config: StudyConfig, progress: bool = True) -> tuple[Step[StudyConfig], ...]:
+    """The sanity checks: one ``sanity-{model}`` step per model (curves and self-test), then
+    ``sanity-summary`` (the tables). Markers live in ``steps/`` beside the drift study's."""
+
+    def run_model(model_cfg: ModelConfig) -> Callable[[StudyConfig, RunPaths, Context], None]:
+        def run(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+            frame, checks = sanity_model(config, paths, model_cfg, progress)
+            write_parquet_atomic(_model_curves(paths, model_cfg.key), frame)
+            write_json_atomic(_model_checks(paths, model_cfg.key), checks)
+
+        return run
+
+    def run_summary(config: StudyConfig, paths: RunPaths, ctx: Context) -> None:
+        write_sanity_tables(config, paths)
+
+    def model_inputs(config: StudyConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+        from evidrift.classifier.training import stage_hash
+
+        stages = {s: stage_hash(config, model_cfg, s) for s in ("0", "1", "2")}
+        return {"model": model_cfg.model_dump(mode="json"), "stages": stages}
+
+    model_steps = [
+        Step(
+            f"sanity-{m.key}",
+            run_model(m),
+            config=("sanity", "explain.batch_size", "data"),
+            inputs=lambda c, m=m: model_inputs(c, m),
+            outputs=lambda c, p, m=m: [_model_curves(p, m.key), _model_checks(p, m.key)],
+        )
+        for m in config.models
+    ]
+
+    def summary_outputs(config: StudyConfig, paths: RunPaths) -> list[Path]:
+        return [paths.sanity_table, paths.sanity_summary, paths.sanity_selftest]
+
+    names = tuple(s.name for s in model_steps)
+    summary = Step("sanity-summary", run_summary, reads=names, config=("stats",), outputs=summary_outputs)
+    return (*model_steps, summary)
+
+
+def write_sanity_tables(config: StudyConfig, paths: RunPaths) -> tuple[pd.DataFrame, list[dict[str, object]]]:
+    """``sanity.parquet``, ``sanity_summary.csv`` and ``sanity_selftest.json`` from the per-model tables;
+    returns (summary, self-test records)."""
+    curves = [pd.read_parquet(_model_curves(paths, m.key)) for m in config.models]
+    checks: list[dict[str, object]] = []
+    for m in config.models:
+        checks += json.loads(_model_checks(paths, m.key).read_text(encoding="utf-8"))
     table = pd.concat(curves, ignore_index=True)
-    write_parquet_atomic(paths.root / SANITY_FILES["table"], table)
+    write_parquet_atomic(paths.sanity_table, table)
     summary = summarize_curves(table, config.stats.n_boot, config.stats.ci, config.stats.seed)
-    write_csv_atomic(paths.root / SANITY_FILES["summary"], summary)
+    write_csv_atomic(paths.sanity_summary, summary)
     write_json_atomic(
-        paths.root / SANITY_FILES["selftest"],
+        paths.sanity_selftest,
         {
             "passed": all(c["passed"] for c in checks if c["kind"] == "metrics"),
             "flagged_methods": sorted(
@@ -500,3 +552,22 @@ def run_sanity(
         },
     )
     return summary, checks
+
+
+def run_sanity(
+    config: StudyConfig,
+    paths: RunPaths,
+    progress: bool = True,
+    force: Iterable[str] = (),
+    until: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, list[dict[str, object]]]:
+    """Randomization curves and the self-test for every model of the study on the step runner
+    (``sanity_steps``); writes ``sanity.parquet``, ``sanity_summary.csv`` and ``sanity_selftest.json``.
+    Returns (summary, self-test records). Done steps are skipped."""
+    from evidrift.core.distributed import resolve_device
+
+    ctx = Context(device=resolve_device(config.train.device))
+    run_steps(sanity_steps(config, progress), config, paths, ctx, force=force, until=until, echo=echo)
+    document = json.loads(paths.sanity_selftest.read_text(encoding="utf-8"))
+    return pd.read_csv(paths.sanity_summary), list(document["checks"])
