@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import models
+from evidrift.classifier.checkpoint import read_checkpoint_meta
 from evidrift.classifier.training import train_stage
 from evidrift.core.io import read_jsonl
 from evidrift.core.paths import RunPaths
@@ -65,8 +66,8 @@ def run_stage(config: StudyConfig, stage: str) -> tuple[float, float, list[dict]
     checkpoint = train_stage(config, paths, config.models[0], stage, progress=False)
     total = time.perf_counter() - started
     records = [r for r in read_jsonl(paths.train_metrics(config.models[0].key)) if r["stage"] == stage]
-    meta = models.read_checkpoint_meta(checkpoint)
-    epochs = sum(r["seconds"] for r in records) + float(meta.get("feature_cache_seconds", 0.0))
+    extra = read_checkpoint_meta(checkpoint).model_extra or {}
+    epochs = sum(r["seconds"] for r in records) + float(extra.get("feature_cache_seconds", 0.0))
     return total, epochs, records
 
 

@@ -3,7 +3,6 @@ and a clear error for checkpoints of different architectures or class lists."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -12,8 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
+from evidrift.classifier.checkpoint import read_checkpoint_meta, save_checkpoint
 from evidrift.classifier.config import HeadConfig
-from evidrift.classifier.models import build_model, default_cam_layers, get_head, save_checkpoint
+from evidrift.classifier.models import build_model, default_cam_layers, get_head
 from evidrift.cli.app import app
 from evidrift.data.phantom import CLASSES
 from evidrift.studies.compare.study import CompareError, check_compatible, check_gates
@@ -154,11 +154,11 @@ def test_mismatched_checkpoints_are_a_clear_error(
         "different class lists" in text
         and "only in A: ['bacterial_pneumonia', 'tuberculosis', 'viral_pneumonia']" in text
     )
-    meta = json.loads(checkpoints["a"].with_suffix(".json").read_text())
+    meta = read_checkpoint_meta(checkpoints["a"])
     with pytest.raises(CompareError, match=r"different architectures: .* is 'resnet18', .* is 'resnet34'"):
-        check_compatible(Path("a"), meta, Path("b"), {**meta, "timm_name": "resnet34"})
+        check_compatible(Path("a"), meta, Path("b"), meta.model_copy(update={"timm_name": "resnet34"}))
     with pytest.raises(CompareError, match="same names in another order"):
-        check_compatible(Path("a"), meta, Path("b"), {**meta, "classes": meta["classes"][::-1]})
+        check_compatible(Path("a"), meta, Path("b"), meta.model_copy(update={"classes": meta.classes[::-1]}))
     code, output = _compare(
         str(checkpoints["a"]), str(tmp_path / "missing.safetensors"), "--data", str(tiny_phantom_set)
     )

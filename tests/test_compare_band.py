@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
 from evidrift.cam import CAMEngine
+from evidrift.classifier.checkpoint import save_checkpoint
 from evidrift.classifier.config import HeadConfig
-from evidrift.classifier.models import build_model, default_cam_layers, save_checkpoint
+from evidrift.classifier.models import build_model, default_cam_layers
 from evidrift.cli.app import app
 from evidrift.data.dataset import ManifestDataset
 from evidrift.data.phantom import CLASSES, generate_phantom_set

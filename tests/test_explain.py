@@ -13,8 +13,9 @@ from PIL import Image
 
 import evidrift  # noqa: F401
 from evidrift.cam import CAMEngine
+from evidrift.classifier.checkpoint import save_checkpoint
 from evidrift.classifier.config import HeadConfig
-from evidrift.classifier.models import build_model, save_checkpoint
+from evidrift.classifier.models import build_model
 from evidrift.core.distributed import Context
 from evidrift.core.io import write_parquet_atomic
 from evidrift.core.maps_store import maps_shards, read_maps, read_maps_shard
@@ -120,13 +121,13 @@ def test_explain_run_writes_resumable_store(tmp_path):
     assert meta["layer"] == "layer3" and json.loads(meta["input_size"]) == [64, 64]
     assert json.loads(meta["targets"]) == [int(i[2:]) % 3 for i in expected_ids[4:]]  # last shard: the labels
     # the stored maps are the engine's maps of the same preprocessed images
-    from evidrift.classifier.models import load_checkpoint
+    from evidrift.classifier.checkpoint import load_checkpoint
     from evidrift.data.dataset import ManifestDataset
 
     model, ck = load_checkpoint(paths.checkpoint("test_resnet", 1))
     frame = pd.read_parquet(paths.manifest)
     frame = frame[frame["id"].isin(expected_ids)].reset_index(drop=True)
-    ds = ManifestDataset(frame, CLASSES, 64, mean=ck["mean"], std=ck["std"])
+    ds = ManifestDataset(frame, CLASSES, 64, mean=ck.mean, std=ck.std)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     with CAMEngine(model, ["layer3"]) as engine:
         want = engine(x, "label", labels=[ds[i]["label"] for i in range(len(ds))], methods=["gradcam"])

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.classifier import models
+from evidrift.classifier import checkpoint, models
 from evidrift.classifier.training import evaluate_study, train_study
 from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
@@ -64,13 +64,11 @@ def test_stage1_and_stage2_of_the_three_architectures(tmp_path: Path) -> None:
     done = train_study(config, paths, stages=("0", "1", "2"), progress=False)
     assert {key: sorted(stages) for key, stages in done.items()} == {arch: ["1", "2"] for arch in ARCHS}
     for arch, (size, layer) in ARCHS.items():
-        stage1, meta1 = models.load_checkpoint(paths.checkpoint(arch, 1))
-        stage2, meta2 = models.load_checkpoint(paths.checkpoint(arch, 2))
-        assert meta2["cam_layers"] == [layer] and meta2["image_size"] == size
-        assert meta2["timm_name"] == models.resolve_arch(arch) and meta2["classes"] == meta1["classes"]
-        backbone1 = {
-            k: v for k, v in stage1.state_dict().items() if not k.startswith(meta1["head_name"] + ".")
-        }
+        stage1, meta1 = checkpoint.load_checkpoint(paths.checkpoint(arch, 1))
+        stage2, meta2 = checkpoint.load_checkpoint(paths.checkpoint(arch, 2))
+        assert meta2.cam_layers == [layer] and meta2.image_size == size
+        assert meta2.timm_name == models.resolve_arch(arch) and meta2.classes == meta1.classes
+        backbone1 = {k: v for k, v in stage1.state_dict().items() if not k.startswith(meta1.head_name + ".")}
         source = models.read_state_dict(tmp_path / f"{arch}.safetensors")
         for key, value in backbone1.items():  # stage 1 trained the head only
             assert torch.equal(value, source[key]), (arch, key)
@@ -79,7 +77,7 @@ def test_stage1_and_stage2_of_the_three_architectures(tmp_path: Path) -> None:
             for k, v in stage2.state_dict().items()
             if v.is_floating_point() and not torch.equal(v, stage1.state_dict()[k])
         ]
-        assert any(not k.startswith(meta2["head_name"]) for k in changed)  # stage 2 trained the backbone too
+        assert any(not k.startswith(meta2.head_name) for k in changed)  # stage 2 trained the backbone too
         with torch.no_grad():
             assert stage2(torch.randn(1, 3, size, size)).shape == (1, 5)
     table = evaluate_study(config, paths)

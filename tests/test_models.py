@@ -12,8 +12,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.classifier import models
+from evidrift.classifier import checkpoint, models
 from evidrift.classifier.config import HeadConfig
+from evidrift.classifier.freezing import (
+    freeze_backbone,
+    freeze_batchnorm_stats,
+    is_frozen,
+    set_train_mode,
+    unfreeze,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +94,8 @@ def test_build_model_head_replaces_classifier(arch: str) -> None:
 
 def test_freeze_keeps_backbone_norm_in_eval_even_after_train() -> None:
     model = models.build_model("test_resnet", 3, HeadConfig(type="mlp2", hidden=4))
-    models.freeze_backbone(model)
-    model.train()
+    freezing = freeze_backbone(model)
+    set_train_mode(model, True, freezing)
     head = models.head_name(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(head + ".") for n in trainable)
@@ -98,17 +105,19 @@ def test_freeze_keeps_backbone_norm_in_eval_even_after_train() -> None:
     stats = [m.running_mean.clone() for m in norms]
     model(torch.randn(4, 3, 32, 32))
     assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, norms, strict=True))
-    models.unfreeze(model)
-    model.train()
+    assert is_frozen(model)
+    model.train()  # a plain train() trains every module: the freezing is explicit, not patched in
+    assert all(m.training for m in norms)
+    set_train_mode(model, True, unfreeze(model))
     assert all(p.requires_grad for p in model.parameters())
     assert all(m.training for m in norms)
-    assert not models.is_frozen(model)
+    assert not is_frozen(model)
 
 
 def test_freeze_batchnorm_stats_keeps_backbone_norms_fixed_but_trainable() -> None:
     model = models.build_model("test_resnet", 3, HeadConfig(type="mlp2", hidden=4))
-    models.freeze_batchnorm_stats(model)
-    model.train()
+    freezing = freeze_batchnorm_stats(model)
+    set_train_mode(model, True, freezing)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert norms and not any(m.training for m in norms)
@@ -119,10 +128,9 @@ def test_freeze_batchnorm_stats_keeps_backbone_norms_fixed_but_trainable() -> No
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, norms, strict=True))
     assert all(m.weight.grad is not None for m in norms)
-    models.unfreeze(model)
-    model.train()
+    set_train_mode(model, True, unfreeze(model))
     assert all(m.training for m in norms)
-    assert "train" not in vars(model)
+    assert "train" not in vars(model)  # nothing patched onto the instance
 
 
 def test_feature_standardization_by_hand() -> None:
@@ -259,10 +267,10 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
         "head": HeadConfig(type="mlp3", hidden=6, bias=False).model_dump(),
         "stage": 1,
     }
-    path = models.save_checkpoint(tmp_path / "stage1.safetensors", model, {**meta, "image_size": 32})
-    loaded, read = models.load_checkpoint(path)
-    assert read["timm_name"] == "test_resnet" and read["stage"] == 1 and read["num_classes"] == 3
-    assert set(read["versions"]) == {"torch", "timm", "evidrift"}
+    path = checkpoint.save_checkpoint(tmp_path / "stage1.safetensors", model, {**meta, "image_size": 32})
+    loaded, read = checkpoint.load_checkpoint(path)
+    assert read.timm_name == "test_resnet" and read.stage == 1 and read.num_classes == 3
+    assert set(read.versions) == {"torch", "timm", "evidrift"}
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     x = torch.randn(2, 3, 32, 32)
@@ -273,15 +281,17 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
 
 def test_checkpoint_sidecar_must_match_weights(tmp_path: Path) -> None:
     model = models.build_model("test_resnet", 2)
-    path = models.save_checkpoint(tmp_path / "a.safetensors", model, {"head": HeadConfig().model_dump()})
+    path = checkpoint.save_checkpoint(tmp_path / "a.safetensors", model, {"head": HeadConfig().model_dump()})
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    models.save_checkpoint(path, models.build_model("test_resnet", 2), {"head": HeadConfig().model_dump()})
+    checkpoint.save_checkpoint(
+        path, models.build_model("test_resnet", 2), {"head": HeadConfig().model_dump()}
+    )
     path.with_suffix(".json").write_text(json.dumps(sidecar))  # stale sidecar of other weights
     with pytest.raises(ValueError, match="SHA-256 differs"):
-        models.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     path.with_suffix(".json").unlink()
     with pytest.raises(FileNotFoundError, match="no sidecar"):
-        models.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_local_weights_file_loads_backbone_and_ignores_classifier(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 import evidrift  # noqa: F401  (before timm)
 from evidrift.cam import CAMEngine
 from evidrift.classifier import models
+from evidrift.classifier.freezing import freeze_backbone
 from evidrift.core.config import ConfigError
 from evidrift.core.paths import RunPaths
 from evidrift.metrics.localization import gridpg
@@ -247,7 +248,7 @@ def test_per_position_heads_make_gradcam_and_xgradcam_differ_and_gap_fed_heads_d
 def _tiny_probe_net(head: str = "mlp2") -> tuple[ProbeNet, torch.Tensor]:
     torch.manual_seed(0)
     backbone = models.build_model("test_resnet", 3).eval()
-    models.freeze_backbone(backbone)
+    freeze_backbone(backbone)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         k = backbone.forward_features(x).shape[1]

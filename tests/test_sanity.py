@@ -12,6 +12,7 @@ from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import models
+from evidrift.classifier.checkpoint import save_checkpoint
 from evidrift.classifier.config import HeadConfig
 from evidrift.core.paths import RunPaths
 from evidrift.studies.sanity.study import (
@@ -139,8 +140,8 @@ def test_self_test_identical_checkpoints_give_zero_drift(
         "image_size": 64,
         "cam_layers": ["layer4"],
     }
-    checkpoint = models.save_checkpoint(tmp_path / "stage1.safetensors", model, meta)
-    records = self_test(checkpoint, images, targets, METHODS, tmp_path, seed=0, batch_size=4)
+    saved = save_checkpoint(tmp_path / "stage1.safetensors", model, meta)
+    records = self_test(saved, images, targets, METHODS, tmp_path, seed=0, batch_size=4)
     assert {r["method"] for r in records} == set(METHODS)
     identical = [r for r in records if r["check"] == "identical checkpoints"]
     assert {r["kind"] for r in identical} == {"metrics"}

@@ -287,7 +287,14 @@ def test_a_diverging_stage_stops_naming_epoch_loss_and_settings_keeping_the_last
     tmp_path: Path,
 ) -> None:
     from evidrift.classifier.evaluate import TensorFeed
-    from evidrift.classifier.training import StageFiles, TrainingDivergedError, fit, load_resume_state
+    from evidrift.classifier.training import (
+        FitOptions,
+        StageFiles,
+        Trainee,
+        TrainingDivergedError,
+        fit,
+        load_resume_state,
+    )
 
     torch.manual_seed(0)
     model = _Exploding()
@@ -304,8 +311,17 @@ def test_a_diverging_stage_stops_naming_epoch_loss_and_settings_keeping_the_last
         model.scale = 1.0 if step <= 4 else 1e4  # 4 steps per epoch: from the 2nd step of epoch 2 on
 
     with pytest.raises(TrainingDivergedError) as caught:
-        fit(model, model, model, model, TensorFeed(x, y), TensorFeed(x[:8], y[:8]), cfg, "ce", Context(),
-            files, "tag", 0, "m stage 2", False, blow_up, "2")  # fmt: skip
+        options = FitOptions(
+            cfg, "ce", "tag", 0, label="m stage 2", stage="2", progress=False, on_step=blow_up
+        )
+        fit(
+            Trainee(model, model, model, model),
+            TensorFeed(x, y),
+            TensorFeed(x[:8], y[:8]),
+            Context(),
+            files,
+            options,
+        )
     message = str(caught.value)
     assert "m stage 2 diverged at epoch 2" in message
     assert re.search(r"train_loss [\d.e+]+ is [\d.]+x the first epoch's", message)
@@ -541,8 +557,9 @@ def test_compare_messages(tmp_path: Path) -> None:
 
 
 def test_compare_uses_csv_boxes_and_names_its_images_right(tiny_phantom_set: Path, tmp_path: Path) -> None:
+    from evidrift.classifier.checkpoint import save_checkpoint
     from evidrift.classifier.config import HeadConfig
-    from evidrift.classifier.models import build_model, default_cam_layers, save_checkpoint
+    from evidrift.classifier.models import build_model, default_cam_layers
     from evidrift.data.phantom import CLASSES
 
     torch.manual_seed(0)

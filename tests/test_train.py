@@ -19,11 +19,14 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.classifier import models
+from evidrift.classifier import checkpoint, models
 from evidrift.classifier.config import HeadConfig, StageConfig
 from evidrift.classifier.evaluate import ImageFeed, TensorFeed, classification_metrics
+from evidrift.classifier.freezing import freeze_backbone
 from evidrift.classifier.training import (
+    FitOptions,
     StageFiles,
+    Trainee,
     compute_loss,
     evaluate_study,
     fit,
@@ -158,7 +161,7 @@ def _run_fit(folder: Path, stop_at: int | None = None, cached: bool = False) -> 
             raise KeyboardInterrupt(f"simulated kill at step {step}")
 
     if cached:
-        models.freeze_backbone(model)
+        freeze_backbone(model)
         head = models.get_head(model)
         with torch.no_grad():
             feats = [
@@ -172,7 +175,8 @@ def _run_fit(folder: Path, stop_at: int | None = None, cached: bool = False) -> 
         train_feed, val_feed = ImageFeed(train_set), ImageFeed(val_set)
         nets, loss = (model, model, model), "ce"
     files = _files(folder)
-    fit(model, *nets, train_feed, val_feed, cfg, loss, ctx, files, "tag", 7, "t", False, interrupt, "2")
+    options = FitOptions(cfg, loss, "tag", 7, label="t", stage="2", progress=False, on_step=interrupt)
+    fit(Trainee(model, *nets), train_feed, val_feed, ctx, files, options)
     return model
 
 
@@ -200,7 +204,8 @@ def test_fit_learns_and_keeps_best(tmp_path: Path) -> None:
     cfg = StageConfig(epochs=6, lr=1e-2, batch_size=8, warmup_epochs=0.0, patience=2, monitor="val_accuracy")
     files = _files(tmp_path)
     train, val = ImageFeed(BlobImages(48, seed=0)), ImageFeed(BlobImages(24, seed=1))
-    state = fit(model, model, model, model, train, val, cfg, "ce", Context(), files, "x", 0, "t", False)
+    options = FitOptions(cfg, "ce", "x", 0, label="t", progress=False)
+    state = fit(Trainee(model, model, model, model), train, val, Context(), files, options)
     records = read_jsonl(files.metrics)
     assert state.best == max(r["val_accuracy"] for r in records)
     assert state.best > 0.6  # 3 classes: chance is 1/3
@@ -268,11 +273,11 @@ def test_study_killed_with_sigkill_resumes_to_identical_weights_and_evaluates(tm
     train_study(config, paths, progress=False, on_step=lambda label, step: steps.append((label, step)))
     assert steps == [("test_resnet stage 2", 4), ("test_resnet stage 2", 5), ("test_resnet stage 2", 6)]
     for stage in ("0", "1", "2"):
-        a, meta_a = models.load_checkpoint(paths.checkpoint("test_resnet", stage))
-        b, _ = models.load_checkpoint(RunPaths.at(tmp_path / "a").checkpoint("test_resnet", stage))
+        a, meta_a = checkpoint.load_checkpoint(paths.checkpoint("test_resnet", stage))
+        b, _ = checkpoint.load_checkpoint(RunPaths.at(tmp_path / "a").checkpoint("test_resnet", stage))
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), (stage, name)
-    assert meta_a["stage"] == 2 and meta_a["cam_layers"] == ["layer4"] and meta_a["image_size"] == 32
+    assert meta_a.stage == 2 and meta_a.cam_layers == ["layer4"] and meta_a.image_size == 32
     leftovers = sorted(p.name for p in paths.model_dir("test_resnet").iterdir())
     assert leftovers == [
         "metrics.jsonl", "stage0.json", "stage0.safetensors", "stage1.json", "stage1.safetensors",
@@ -298,7 +303,8 @@ def test_fit_without_validation_keeps_the_last_epoch(tmp_path: Path) -> None:
     train, empty = TensorFeed(x, (x[:, 0] > 0).long()), TensorFeed(torch.zeros(0, 4), torch.zeros(0))
     cfg = StageConfig(epochs=4, batch_size=5, patience=1, monitor="val_accuracy")
     files = _files(tmp_path)
-    state = fit(head, head, head, head, train, empty, cfg, "ce", Context(), files, "t", 0, "t", False)
+    options = FitOptions(cfg, "ce", "t", 0, label="t", progress=False)
+    state = fit(Trainee(head, head, head, head), train, empty, Context(), files, options)
     assert state.best_epoch == 3 and not state.stopped
     assert math.isnan(read_jsonl(files.metrics)[-1]["val_accuracy"])
 
@@ -333,21 +339,21 @@ def test_stage1_standardized_head_is_folded_into_a_plain_checkpoint(
     config = parse_config(raw)
     paths = RunPaths.at(tmp_path)
     train_study(config, paths, stages=("0", "1"), progress=False)
-    meta = models.read_checkpoint_meta(paths.checkpoint("test_resnet", "1"))
-    assert meta["standardized_features"] == kind
-    assert models.read_checkpoint_meta(paths.checkpoint("test_resnet", "0"))["image_size"] == 24
-    model, meta = models.load_checkpoint(paths.checkpoint("test_resnet", "1"))
+    meta = checkpoint.read_checkpoint_meta(paths.checkpoint("test_resnet", "1"))
+    assert meta.standardized_features == kind
+    assert checkpoint.read_checkpoint_meta(paths.checkpoint("test_resnet", "0")).image_size == 24
+    model, meta = checkpoint.load_checkpoint(paths.checkpoint("test_resnet", "1"))
     assert not any(isinstance(m, models.StandardizedHead) for m in model.modules())
     assert set(model.state_dict()) == set(
         models.build_model("test_resnet", 5, HeadConfig(**head)).state_dict()
     )
     frame, classes = load_manifest(paths)
     val = frame[(frame["split"] == "val") & (frame["status"] == "ok")].reset_index(drop=True)
-    dataset = ManifestDataset(val, classes, 32, mean=meta["mean"], std=meta["std"])
+    dataset = ManifestDataset(val, classes, 32, mean=meta.mean, std=meta.std)
     labels, logits = predict_logits(model, ImageFeed(dataset), Context(), 8)
     accuracy = (logits.argmax(1) == labels).float().mean().item()
-    assert accuracy == pytest.approx(meta["metrics"]["val_accuracy"], abs=1e-6)
-    assert compute_loss(logits, labels, "ce").item() == pytest.approx(meta["metrics"]["val_loss"], rel=1e-4)
+    assert accuracy == pytest.approx(meta.metrics["val_accuracy"], abs=1e-6)
+    assert compute_loss(logits, labels, "ce").item() == pytest.approx(meta.metrics["val_loss"], rel=1e-4)
 
 
 def test_stage1_without_standardization_keeps_raw_features(tmp_path: Path) -> None:
@@ -356,4 +362,6 @@ def test_stage1_without_standardization_keeps_raw_features(tmp_path: Path) -> No
     config = parse_config(raw)
     paths = RunPaths.at(tmp_path)
     train_study(config, paths, stages=("0", "1"), progress=False)
-    assert "standardized_features" not in models.read_checkpoint_meta(paths.checkpoint("test_resnet", "1"))
+    assert "standardized_features" not in (
+        checkpoint.read_checkpoint_meta(paths.checkpoint("test_resnet", "1")).model_extra or {}
+    )

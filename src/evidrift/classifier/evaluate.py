@@ -201,7 +201,7 @@ def evaluate_study(
     from rich.console import Console
     from rich.table import Table
 
-    from evidrift.classifier.models import load_checkpoint
+    from evidrift.classifier.checkpoint import load_checkpoint
     from evidrift.core import distributed
     from evidrift.core.io import write_parquet_atomic
     from evidrift.data.dataset import ManifestDataset
@@ -220,17 +220,12 @@ def evaluate_study(
     for model_cfg in model_cfgs:
         table: dict[str, Any] = {"id": test["id"].astype(str).tolist()}
         for stage in ("1", "2"):
-            model, meta = load_checkpoint(paths.checkpoint(model_cfg.key, stage), map_location=ctx.device)
-            dataset = ManifestDataset(
-                test,
-                classes,
-                int(meta["image_size"]),
-                resize=config.data.resize,
-                mean=meta["mean"],
-                std=meta["std"],
-            )
+            checkpoint = paths.checkpoint(model_cfg.key, stage)
+            model, meta = load_checkpoint(checkpoint, map_location=ctx.device)
+            size, mean, std = meta.preprocessing(checkpoint)
+            dataset = ManifestDataset(test, classes, size, resize=config.data.resize, mean=mean, std=std)
             labels, probs = evaluate_model(
-                model, ImageFeed(dataset), ctx, config.train.stage2.batch_size, meta["loss"]
+                model, ImageFeed(dataset), ctx, config.train.stage2.batch_size, meta.loss
             )
             table["label"] = labels.astype(np.int64)
             table[f"pred_stage{stage}"] = probs.argmax(axis=1).astype(np.int64)

@@ -19,13 +19,9 @@ atomically, weights first.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import socket
 import threading
-import types
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +30,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import evidrift
 from evidrift.classifier.config import HeadConfig
-from evidrift.core.errors import EvidriftError, MissingInputError, UsageError
-from evidrift.core.io import save_safetensors_atomic, write_json_atomic
+from evidrift.core.errors import EvidriftError, UsageError
 
 #: User-facing aliases of the paper's architectures → timm names.
 ALIASES: dict[str, str] = {
@@ -63,8 +57,6 @@ _SPATIAL_CAM_LAYERS: tuple[tuple[str, str], ...] = (
     ("inception_v3", "Mixed_7b"),
 )
 
-_FROZEN_FLAG = "_evidrift_frozen_backbone"
-_FROZEN_BN_FLAG = "_evidrift_frozen_batchnorm"
 _HUB_HOST = ("huggingface.co", 443)
 _HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -432,79 +424,6 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Non
         raise WeightsError(f"weights file {path}: load_state_dict reported {result}")
 
 
-# --- freezing -----------------------------------------------------------------------------------------------
-def _head_related(name: str, head: str) -> bool:
-    return name == "" or name == head or name.startswith(head + ".") or head.startswith(name + ".")
-
-
-def _train_honouring_freezes(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train(mode)`` that keeps the frozen backbone's modules (``freeze_backbone``) or the backbone's
-    BatchNorm layers (``freeze_batchnorm_stats``) in eval mode."""
-    type(self).train(self, mode)
-    if mode:
-        head = head_name(self)
-        whole_backbone = getattr(self, _FROZEN_FLAG, False)
-        batchnorm = getattr(self, _FROZEN_BN_FLAG, False)
-        for name, module in self.named_modules():
-            if _head_related(name, head):
-                continue
-            if whole_backbone or (batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm)):
-                module.training = False
-    return self
-
-
-def freeze_backbone(model: nn.Module) -> nn.Module:
-    """Freeze everything but the head: requires_grad False, and the backbone's modules (BatchNorm running
-    statistics, dropout) stay in eval mode even when ``model.train()`` is called. Returns the model."""
-    model = unwrap(model)
-    head = head_name(model)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(head + "."))
-    setattr(model, _FROZEN_FLAG, True)
-    model.train = types.MethodType(_train_honouring_freezes, model)  # type: ignore[method-assign]
-    model.train(model.training)
-    return model
-
-
-def freeze_batchnorm_stats(model: nn.Module) -> nn.Module:
-    """Keep the backbone's BatchNorm layers in eval mode (running statistics fixed, normalising with them)
-    even when ``model.train()`` is called, while every parameter, BatchNorm's affine ones included, stays
-    trainable: Keras' fine-tuning recipe (``base_model(x, training=False)``). Fine-tuning then starts from
-    the function the stage-1 head was trained on, instead of switching to batch statistics that can differ
-    from the running ones by a third of the features' norm. ``unfreeze`` undoes it. Returns the model."""
-    model = unwrap(model)
-    setattr(model, _FROZEN_BN_FLAG, True)
-    model.train = types.MethodType(_train_honouring_freezes, model)  # type: ignore[method-assign]
-    model.train(model.training)
-    return model
-
-
-def unfreeze(model: nn.Module) -> nn.Module:
-    """Make every parameter trainable and restore the plain ``train()`` behaviour (undoes ``freeze_backbone``
-    and ``freeze_batchnorm_stats``). Returns the model."""
-    model = unwrap(model)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    for flag in (_FROZEN_FLAG, _FROZEN_BN_FLAG):
-        if getattr(model, flag, False):
-            delattr(model, flag)
-    if "train" in vars(model):
-        del model.train
-    model.train(model.training)
-    return model
-
-
-def is_frozen(model: nn.Module) -> bool:
-    """True while ``freeze_backbone`` is in effect."""
-    return bool(getattr(unwrap(model), _FROZEN_FLAG, False))
-
-
-def set_train_mode(model: nn.Module, train: bool) -> nn.Module:
-    """``model.train(train)``, honouring a frozen backbone (its modules stay in eval)."""
-    model.train(train)
-    return model
-
-
 # --- CAM layers ---------------------------------------------------------------------------------------------
 def default_cam_layers(model: nn.Module, arch: str) -> list[str]:
     """DESIGN § 4's layer for the paper's families (densenet ``features.norm5``, resnetv2 ``norm``,
@@ -592,83 +511,6 @@ def cam_layer_keys(
         for layer in resolved:
             layers.setdefault(layer, name)
     return layers
-
-
-# --- checkpoints --------------------------------------------------------------------------------------------
-def versions() -> dict[str, str]:
-    """Versions of the libraries a checkpoint depends on."""
-    return {"torch": torch.__version__, "timm": timm.__version__, "evidrift": evidrift.__version__}
-
-
-def sidecar_path(path: str | os.PathLike[str]) -> Path:
-    """The JSON sidecar of a checkpoint: ``stage1.safetensors`` → ``stage1.json``."""
-    return Path(path).with_suffix(".json")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, Any]) -> Path:
-    """Write the model's state dict (safetensors) and the sidecar (meta + ``timm_name``, ``head_name``,
-    ``num_classes``, ``versions``, ``weights_sha256``), both atomically, weights first. ``meta`` should hold
-    ``arch``, ``head`` (HeadConfig dict), ``classes``, ``stage``, ``epoch``, ``metrics``, ``config_hash``,
-    ``image_size``, ``mean``, ``std``, ``cam_layers``. Returns the weights path."""
-    net = unwrap(model)
-    state = {k: v.detach() for k, v in net.state_dict().items()}
-    full = {
-        **dict(meta),
-        "timm_name": str(net.pretrained_cfg.get("architecture") or meta.get("timm_name")),
-        "head_name": head_name(net),
-        "num_classes": int(net.num_classes),
-        "in_chans": int(meta.get("in_chans", 3)),
-        "versions": versions(),
-    }
-    full.setdefault("arch", full["timm_name"])
-    header = {"format": "evidrift-checkpoint", "meta": json.dumps(full, sort_keys=True, default=str)}
-    weights = save_safetensors_atomic(path, state, header)
-    write_json_atomic(sidecar_path(path), {**full, "weights_sha256": file_sha256(weights)})
-    return weights
-
-
-def read_checkpoint_meta(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
-    """The sidecar of a checkpoint. With ``verify`` the sidecar's ``weights_sha256`` must match the weights
-    file, else ValueError (a sidecar left from other weights, or an interrupted write)."""
-    weights, side = Path(path), sidecar_path(path)
-    if not weights.is_file():
-        raise MissingInputError(f"checkpoint {weights} does not exist; train it first (`evidrift train`)")
-    if not side.is_file():
-        raise MissingInputError(
-            f"checkpoint {weights} has no sidecar {side}; the save was interrupted, retrain"
-        )
-    meta = json.loads(side.read_text(encoding="utf-8"))
-    if verify and meta.get("weights_sha256") != file_sha256(weights):
-        raise WeightsError(
-            f"sidecar {side} does not describe {weights} (SHA-256 differs): the save was interrupted or "
-            "the files were mixed up; rerun the training stage"
-        )
-    return meta
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint and its sidecar: (model in eval mode on ``map_location``, meta)."""
-    meta = read_checkpoint_meta(path)
-    model = build_model(
-        meta["timm_name"],
-        int(meta["num_classes"]),
-        HeadConfig(**meta["head"]),
-        "none",
-        int(meta.get("in_chans", 3)),
-    )
-    state = load_file(str(path))
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval(), meta
 
 
 # --- checks without training (`evidrift validate`) ----------------------------------------------------------

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evidrift.classifier import models
+from evidrift.classifier.checkpoint import read_checkpoint_meta, save_checkpoint
 from evidrift.classifier.config import ClassifierStudy, HeadConfig, ModelConfig, StageConfig
 from evidrift.classifier.evaluate import (
     Feed,
@@ -54,6 +55,14 @@ from evidrift.classifier.evaluate import (
     evaluate_study,
     predict_logits,
     probabilities,
+)
+from evidrift.classifier.freezing import (
+    NOTHING_FROZEN,
+    Freezing,
+    freeze_backbone,
+    freeze_batchnorm_stats,
+    set_train_mode,
+    unfreeze,
 )
 from evidrift.core import distributed
 from evidrift.core.distributed import Context, all_reduce_sum, epoch_batches
@@ -324,32 +333,59 @@ def _divergence_message(
     )
 
 
+@dataclass(frozen=True)
+class Trainee:
+    """What ``fit`` trains: ``model`` (the whole network, for validation and mode switches), ``trainable``
+    (the module whose parameters train and whose state is saved: the whole model in stages 0 and 2, the
+    head in stage 1; DDP-wrapped under torchrun), and the two forwards (train batches → logits, validation
+    batches → logits; in stage 1 with cached features both take feature vectors)."""
+
+    model: nn.Module
+    trainable: nn.Module
+    forward_train: Callable[[torch.Tensor], torch.Tensor]
+    forward_eval: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``fit`` trains: the stage's settings (``cfg``), the loss (``ce``/``bce``), the checkpoint tag (the
+    stage hash: a resume state of another tag is ignored), the seed of the batch order, what is frozen,
+    ``label``/``stage`` for logs and metrics, progress bars, ``on_step(label, step)`` after every optimizer
+    step, and ``start_losses`` (the losses of the checkpoint the stage starts from, for ``divergence``)."""
+
+    cfg: StageConfig
+    loss: str
+    tag: str
+    seed: int
+    freezing: Freezing = NOTHING_FROZEN
+    label: str = ""
+    stage: str = ""
+    progress: bool = True
+    on_step: OnStep | None = None
+    start_losses: Mapping[str, Any] | None = None
+
+
 def fit(
-    model: nn.Module,
-    trainable: nn.Module,
-    forward_train: Callable[[torch.Tensor], torch.Tensor],
-    forward_eval: Callable[[torch.Tensor], torch.Tensor],
-    train_feed: Feed,
-    val_feed: Feed,
-    cfg: StageConfig,
-    loss: str,
-    ctx: Context,
-    files: StageFiles,
-    tag: str,
-    seed: int,
-    label: str = "",
-    progress: bool = True,
-    on_step: OnStep | None = None,
-    stage: str = "",
-    start_losses: dict[str, Any] | None = None,
+    trainee: Trainee, train_feed: Feed, val_feed: Feed, ctx: Context, files: StageFiles, options: FitOptions
 ) -> TrainState:
-    """Train ``trainable``'s parameters that require grad for ``cfg.epochs`` epochs (resuming from
-    ``files.last`` when it carries ``tag``), validating after each epoch, keeping the best weights of
+    """Train ``trainee.trainable``'s parameters that require grad for ``cfg.epochs`` epochs (resuming from
+    ``files.last`` when it carries ``options.tag``), validating after each epoch, keeping the best weights of
     ``trainable`` (by ``cfg.monitor``) in ``files.best``; early stopping after ``cfg.patience`` epochs without
-    improvement. Only ``trainable``'s state is saved: the whole model in stages 0 and 2, the head in stage 1
-    (the frozen backbone never changes). Returns the final counters. ``on_step(label, step)`` is called
-    after every optimizer step. Raises ``TrainingDivergedError`` (see ``divergence``; ``start_losses``: the
-    losses of the checkpoint the stage starts from) with the last good epoch's files kept."""
+    improvement. Only ``trainable``'s state is saved (the frozen backbone of stage 1 never changes). Returns
+    the final counters. Raises ``TrainingDivergedError`` (see ``divergence``) with the last good epoch's
+    files kept."""
+    model, trainable, forward_train, forward_eval = (
+        trainee.model, trainee.trainable, trainee.forward_train, trainee.forward_eval
+    )  # fmt: skip
+    cfg, loss, tag, seed, label, stage = (
+        options.cfg, options.loss, options.tag, options.seed, options.label, options.stage
+    )  # fmt: skip
+    progress, on_step = options.progress, options.on_step
+    # The freezing concerns the whole network; when only the head trains (stage 1) it switches the head alone.
+    whole_model_freezing = (
+        options.freezing if models.unwrap(trainable) is models.unwrap(model) else NOTHING_FROZEN
+    )
+    start_losses = dict(options.start_losses) if options.start_losses is not None else None
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     state = load_resume_state(files.last, trainable, optimizer, tag) or TrainState()
@@ -366,7 +402,7 @@ def fit(
         started = time.perf_counter()
         batches = epoch_batches(len(train_feed), cfg.batch_size, ctx, seed, epoch, shuffle=True, train=True)
         batches = batches[:steps_per_epoch]
-        models.set_train_mode(trainable, True)
+        set_train_mode(trainable, True, whole_model_freezing)
         n_images = sum(len(b) for b in batches) * ctx.world_size
         bar = tqdm(
             total=n_images, unit="img", desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -395,7 +431,7 @@ def fit(
         bar.close()
         train_seconds = time.perf_counter() - started
         loss_sum, count = all_reduce_sum(totals, ctx).tolist()
-        record = validate(forward_eval, model, val_feed, cfg, loss, ctx)
+        record = validate(forward_eval, model, val_feed, cfg, loss, ctx, options.freezing)
         record.update(
             train_loss=loss_sum / max(count, 1),
             lr=lr_at(max(state.step - 1, 0), total_steps, warmup_steps, cfg.lr),
@@ -450,9 +486,10 @@ def validate(
     cfg: StageConfig,
     loss: str,
     ctx: Context,
+    freezing: Freezing = NOTHING_FROZEN,
 ) -> dict[str, Any]:
     """val_loss, val_accuracy, val_macro_f1, val_auroc (per class), val_macro_auroc over ``val_feed`` (NaN
-    figures when it is empty)."""
+    figures when it is empty). The model's modes are restored afterwards, honouring ``freezing``."""
     if len(val_feed) == 0:
         nan = float("nan")
         return {
@@ -468,7 +505,7 @@ def validate(
     labels, logits = predict_logits(
         forward_eval, val_feed, ctx, cfg.batch_size, autocast=cuda, channels_last=cuda
     )
-    model.train(was_training)
+    set_train_mode(model, was_training, freezing)
     metrics = classification_metrics(labels.numpy(), probabilities(logits, loss).numpy())
     return {
         "val_loss": float(compute_loss(logits, labels, loss)),
@@ -519,10 +556,10 @@ def _dataset(
 def stage_done(files: StageFiles, tag: str) -> bool:
     """True when the stage's final checkpoint exists, matches its sidecar and was trained with ``tag``."""
     try:
-        meta = models.read_checkpoint_meta(files.final)
+        meta = read_checkpoint_meta(files.final)
     except (FileNotFoundError, ValueError):
         return False
-    return meta.get("config_hash") == tag
+    return meta.config_hash == tag
 
 
 def _cached_features(
@@ -601,17 +638,18 @@ def train_stage(
                 )
             model = models.build_model(model_cfg.arch, len(classes), head, "none")
             model.load_state_dict(load_file(str(previous.final)), strict=True)
-            start_losses = models.read_checkpoint_meta(previous.final).get("metrics") or {}
+            start_losses = read_checkpoint_meta(previous.final).metrics
         model.to(ctx.device)
         models.check_input_size(
             model, size, f"train.stage{stage}.image_size / image_scale or models[{model_cfg.key}].image_size"
         )
         if ctx.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
+        freezing = NOTHING_FROZEN
         if stage == "1":
-            models.freeze_backbone(model)
+            freezing = freeze_backbone(model)
         if stage == "2" and cfg.freeze_batchnorm:
-            models.freeze_batchnorm_stats(model)
+            freezing = freeze_batchnorm_stats(model)
         torch.manual_seed(seed + 1)
 
         cached = caches_features(cfg, stage)
@@ -671,10 +709,9 @@ def train_stage(
             trainable = _ddp(model, ctx)
             forward_train, forward_eval = trainable, model
 
-        state = fit(
-            model, trainable, forward_train, forward_eval, train_feed, val_feed, cfg, loss, ctx, files, tag,
-            seed, label, progress, on_step, stage, start_losses,
-        )  # fmt: skip
+        trainee = Trainee(model, trainable, forward_train, forward_eval)
+        options = FitOptions(cfg, loss, tag, seed, freezing, label, stage, progress, on_step, start_losses)
+        state = fit(trainee, train_feed, val_feed, ctx, files, options)
         if ctx.is_main:
             meta = {"classes": classes, "image_size": size, "mean": list(mean), "std": list(std), **extra}
             _finalize(model, trainable, files, state, tag, stage, model_cfg, loss, head, meta)
@@ -724,7 +761,7 @@ def _finalize(
     head_module = models.get_head(net)
     if isinstance(head_module, models.StandardizedHead):  # a plain head again, same function
         net.set_submodule(models.head_name(net), models.fold_standardization(head_module))
-    models.unfreeze(net)
+    unfreeze(net)
     net.eval()
     meta = {
         "arch": model_cfg.arch,
@@ -742,7 +779,7 @@ def _finalize(
         "cam_layers": models.resolve_cam_layers(net, model_cfg.arch, model_cfg.cam_layers),
         **extra,
     }
-    models.save_checkpoint(files.final, net.cpu(), meta)
+    save_checkpoint(files.final, net.cpu(), meta)
     for leftover in (files.best, files.last, *files.final.parent.glob(f"stage{stage}.features.*")):
         leftover.unlink(missing_ok=True)
 

@@ -170,20 +170,19 @@ def input_noise_drift(
     cfg = config.explain
     methods = [resolve_method(m) for m in cfg.methods]
     ctx = distributed.setup(config.train.device)
-    from evidrift.classifier.models import cam_layer_keys, load_checkpoint
+    from evidrift.classifier.checkpoint import load_checkpoint
+    from evidrift.classifier.models import cam_layer_keys
 
     model, meta = load_checkpoint(paths.checkpoint(key, 1), map_location=ctx.device)
-    layer_keys = cam_layer_keys(model, str(meta.get("arch", model_cfg.arch)), model_cfg.cam_layers)
+    layer_keys = cam_layer_keys(model, meta.arch or model_cfg.arch, model_cfg.cam_layers)
     layers = list(layer_keys)
     names = store_names(methods, layer_keys)
     reference = {name: read_maps(paths, key, 1, name) for name in names.values()}
     ids = next(iter(reference.values()))[1]
     frame, classes = load_manifest(paths)
     frame = frame.assign(id=frame["id"].astype(str)).set_index("id").loc[ids].reset_index()
-    size = int(meta["image_size"])
-    dataset = ManifestDataset(
-        frame, classes, size, resize=config.data.resize, mean=meta["mean"], std=meta["std"]
-    )
+    size, mean, std = meta.preprocessing(paths.checkpoint(key, 1))
+    dataset = ManifestDataset(frame, classes, size, resize=config.data.resize, mean=mean, std=std)
     metric_names = (
         list(settings.metrics) if settings.metrics is not None else default_metric_names(settings.topk)
     )
@@ -201,7 +200,7 @@ def input_noise_drift(
         for batch in loader:
             batch_ids = [str(i) for i in batch["id"]]
             index = [position[i] for i in batch_ids]
-            x, shifts = perturb(batch["image"].to(ctx.device), index, meta["std"], perturbation)
+            x, shifts = perturb(batch["image"].to(ctx.device), index, std, perturbation)
             out = engine(
                 x, cfg.target, methods=methods, score=cfg.score, labels=batch["label"].to(ctx.device)
             )

@@ -40,6 +40,7 @@ from evidrift.studies.drift.config import DEFAULT_EXPLAIN_METHODS
 from evidrift.studies.drift.study import drift_settings, write_localization
 
 if TYPE_CHECKING:
+    from evidrift.classifier.checkpoint import CheckpointMeta
     from evidrift.studies.compare.band import Perturbation
     from evidrift.studies.compare.gates import GateSpec, Verdict
 
@@ -71,9 +72,9 @@ class CompareResult:
 
 
 # --- checks -------------------------------------------------------------------------------------------------
-def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+def checkpoint_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     """The sidecar of a checkpoint (verified against its weights); CompareError naming the file otherwise."""
-    from evidrift.classifier.models import read_checkpoint_meta, sidecar_path
+    from evidrift.classifier.checkpoint import read_checkpoint_meta, sidecar_path
 
     file = Path(path)
     if file.is_file() and (file.suffix != ".safetensors" or not sidecar_path(file).is_file()):
@@ -81,7 +82,7 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{file} is not an evidrift checkpoint: compare needs a .safetensors file with the .json sidecar "
             "that evidrift writes beside it (architecture, classes, input size, normalization); train it "
             "with evidrift (`evidrift run` / `evidrift train`), or rebuild the model and save it with "
-            "`evidrift.classifier.models.save_checkpoint(path, model, meta)`"
+            "`evidrift.classifier.checkpoint.save_checkpoint(path, model, meta)`"
         )
     try:
         return read_checkpoint_meta(path)
@@ -89,18 +90,15 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CompareError(f"cannot read checkpoint {path}: {exc}") from None
 
 
-def check_compatible(a: Path, meta_a: Mapping[str, Any], b: Path, meta_b: Mapping[str, Any]) -> None:
+def check_compatible(a: Path, meta_a: CheckpointMeta, b: Path, meta_b: CheckpointMeta) -> None:
     """Raise CompareError unless A and B are the same architecture with the same class list (same order)."""
-    arch_a, arch_b = (
-        meta_a.get("timm_name") or meta_a.get("arch"),
-        meta_b.get("timm_name") or meta_b.get("arch"),
-    )
+    arch_a, arch_b = meta_a.timm_name or meta_a.arch, meta_b.timm_name or meta_b.arch
     if arch_a != arch_b:
         raise CompareError(
             f"checkpoints of different architectures: {a} is {arch_a!r}, {b} is {arch_b!r}; "
             "compare two checkpoints of one model (e.g. before and after an update)"
         )
-    classes_a, classes_b = list(meta_a.get("classes") or []), list(meta_b.get("classes") or [])
+    classes_a, classes_b = list(meta_a.classes), list(meta_b.classes)
     if classes_a != classes_b:
         only_a = sorted(set(classes_a) - set(classes_b))
         only_b = sorted(set(classes_b) - set(classes_a))
@@ -152,7 +150,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def compare_config(
-    meta: Mapping[str, Any], data: Path, out: Path, methods: Sequence[str] | None, max_images: int | None
+    meta: CheckpointMeta, data: Path, out: Path, methods: Sequence[str] | None, max_images: int | None
 ) -> StudyConfig:
     """The study that compares two checkpoints described by ``meta`` on the images of ``data``."""
     source = "csv" if data.is_file() else "folder"
@@ -160,18 +158,18 @@ def compare_config(
         "data": {
             "source": source,
             "path": str(data.resolve()),
-            "classes": list(meta["classes"]),
+            "classes": list(meta.classes),
             "augment": False,
             "on_bad_image": "skip",
         },
         "models": [
             {
-                "arch": meta.get("timm_name") or meta["arch"],
+                "arch": meta.timm_name or meta.arch,
                 "weights": "compare",
-                "name": meta.get("key") or meta.get("arch"),
-                "image_size": int(meta["image_size"]),
-                "head": meta["head"],
-                "cam_layers": list(meta.get("cam_layers") or ["default"]),
+                "name": meta.key or meta.arch,
+                "image_size": meta.image_size,
+                "head": meta.head,
+                "cam_layers": list(meta.cam_layers or ["default"]),
             }
         ],
         "explain": {
@@ -180,7 +178,7 @@ def compare_config(
             "target": "label",
             "max_images": max_images,
         },
-        "train": {"loss": meta.get("loss", "ce")},
+        "train": {"loss": meta.loss},
         "report": {"title": "evidrift compare: checkpoint A → B"},
         "output": {"dir": str(out)},
     }
@@ -277,7 +275,7 @@ def compare_checkpoints(
     job = CompareJob(
         a=a, b=b, data=data, split=split, max_images=max_images, baseline=baseline, band_kind=band_kind,
         perturbation=perturbation, gate_spec=gate_spec, most_drifted=most_drifted, methods=explained,
-        progress=progress, image_size=int(meta_a["image_size"]),
+        progress=progress, image_size=meta_a.preprocessing(a)[0],
     )  # fmt: skip
     from evidrift.core import distributed
 

@@ -139,7 +139,8 @@ def explain_run(
     from torch.utils.data import DataLoader
 
     from evidrift.cam import CAMEngine, resolve_method
-    from evidrift.classifier.models import cam_layer_keys, file_sha256, load_checkpoint
+    from evidrift.classifier.checkpoint import file_sha256, load_checkpoint
+    from evidrift.classifier.models import cam_layer_keys
     from evidrift.data.dataset import ManifestDataset
     from evidrift.data.sources import load_manifest
 
@@ -154,7 +155,7 @@ def explain_run(
     ctx = ctx or distributed.setup(config.train.device)
     checkpoint = paths.checkpoint(arch, stage)
     model, meta = load_checkpoint(checkpoint, map_location=ctx.device)
-    layer_keys = cam_layer_keys(model, str(meta.get("arch", model_cfg.arch)), model_cfg.cam_layers)
+    layer_keys = cam_layer_keys(model, meta.arch or model_cfg.arch, model_cfg.cam_layers)
     layers = list(layer_keys)
     names = store_names(methods, layer_keys)
 
@@ -166,12 +167,12 @@ def explain_run(
     table = pd.read_parquet(table_path) if cfg.samples != "all" else None
     chosen = select_samples(test, table, cfg.samples, cfg.max_images)
     ids = chosen["id"].astype(str).tolist()
-    size = int(meta["image_size"])
+    size, mean, std = meta.preprocessing(checkpoint)
     tag = config_hash(
         {
             "explain": cfg.model_dump(mode="json"),
             "layers": layers,
-            "weights": meta.get("weights_sha256") or file_sha256(checkpoint),
+            "weights": meta.weights_sha256 or file_sha256(checkpoint),
             "size": size,
         }
     )
@@ -195,9 +196,7 @@ def explain_run(
             todo.append(shard)
     n_mine = sum(len(ids[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in mine)
     n_todo = sum(len(ids[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in todo)
-    dataset = ManifestDataset(
-        chosen, classes, size, resize=config.data.resize, mean=meta["mean"], std=meta["std"]
-    )
+    dataset = ManifestDataset(chosen, classes, size, resize=config.data.resize, mean=mean, std=std)
     bar = tqdm(
         total=n_mine,
         initial=n_mine - n_todo,

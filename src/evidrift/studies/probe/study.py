@@ -60,6 +60,7 @@ from evidrift.cam import CAMEngine, upsample
 from evidrift.cam.methods import method_spec, resolve_method
 from evidrift.classifier import models
 from evidrift.classifier.config import HeadConfig, ModelConfig
+from evidrift.classifier.freezing import freeze_backbone
 from evidrift.classifier.training import (
     determinism,
     image_size_for,
@@ -548,7 +549,7 @@ def probe_backbone(
     else:
         weights, identity = model_cfg.weights, f"weights:{model_cfg.weights}"
     model = models.build_model(model_cfg.arch, num_classes, HeadConfig(), weights).to(ctx.device)
-    models.freeze_backbone(model)
+    freeze_backbone(model)
     return model.eval(), identity
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from evidrift import stats
 from evidrift.classifier import models
+from evidrift.classifier.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from evidrift.classifier.config import ModelConfig
 from evidrift.core.distributed import Context
 from evidrift.core.errors import DataError, UsageError
@@ -343,12 +344,12 @@ def self_test(
     """
     from evidrift.metrics import drift
 
-    model_a, meta = models.load_checkpoint(checkpoint)
+    model_a, meta = load_checkpoint(checkpoint)
     copy_path = Path(work_dir) / "selftest_copy.safetensors"
-    models.save_checkpoint(copy_path, model_a, meta)
-    model_b, _ = models.load_checkpoint(copy_path)
+    save_checkpoint(copy_path, model_a, meta)
+    model_b, _ = load_checkpoint(copy_path)
     randomized = randomize_blocks_(copy.deepcopy(model_a), randomization_blocks(model_a), seed)
-    layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model_a, meta["arch"])
+    layer = meta.cam_layers[:1] or models.default_cam_layers(model_a, meta.arch)
     names = sorted({metric for _, metric, _, _ in SELF_TEST_CHECKS})
     maps = {
         "a": explain_model(model_a, layer[0], images, targets, methods, batch_size, signed=False).positive,
@@ -359,7 +360,7 @@ def self_test(
             randomized, layer[0], images, targets, methods, batch_size, signed=False
         ).positive,
     }
-    for leftover in (copy_path, models.sidecar_path(copy_path)):
+    for leftover in (copy_path, sidecar_path(copy_path)):
         leftover.unlink(missing_ok=True)
     records: list[dict[str, object]] = []
     for method in methods:
@@ -422,14 +423,8 @@ def sample_test_images(
     if test.empty:
         raise DataError(f"the manifest {paths.manifest} has no usable test image; raise data.split.test")
     test = test.sample(n=min(n_images, len(test)), random_state=seed).reset_index(drop=True)
-    dataset = ManifestDataset(
-        test,
-        classes,
-        int(meta["image_size"]),
-        resize=config.data.resize,  # type: ignore[arg-type]
-        mean=meta["mean"],
-        std=meta["std"],
-    )  # type: ignore[arg-type]
+    size, mean, std = meta.preprocessing(paths.root)
+    dataset = ManifestDataset(test, classes, size, resize=config.data.resize, mean=mean, std=std)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([it["image"] for it in items])
     labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
@@ -460,8 +455,8 @@ def sanity_model(
     """Randomization curves and the self-test of one model: (curves, self-test records)."""
     cfg = config.sanity
     checkpoint = sanity_checkpoint(config, paths, model_cfg, progress)
-    model, meta = models.load_checkpoint(checkpoint)
-    layer = list(meta.get("cam_layers") or [])[:1] or models.default_cam_layers(model, model_cfg.arch)
+    model, meta = load_checkpoint(checkpoint)
+    layer = meta.cam_layers[:1] or models.default_cam_layers(model, model_cfg.arch)
     images, labels, ids = sample_test_images(config, paths, meta, cfg.n_images, cfg.seed)
     with torch.random.fork_rng(devices=[]):
         frame = randomization_curves(
