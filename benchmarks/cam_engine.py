@@ -2,14 +2,14 @@
 
 For each architecture (timm, ``pretrained=False``: random weights of realistic scale; speed does not depend
 on the values) one batch [B, 3, S, S] is explained for its predicted classes with gradcam, gradcam++,
-layercam, xgradcam, hirescam and gradcam_elementwise at DESIGN § 4's default layer. Timed, interleaved in
+layercam, xgradcam, hirescam and gradcam_elementwise at ARCHITECTURE §4's default layer. Timed, interleaved in
 each repeat so that machine load affects every side alike (medians reported):
 
 * ``forward``   — one plain ``torch.inference_mode`` forward of the batch (the physical limit);
 * ``evidrift``  — ``CAMEngine``: one forward + one backward down to the target layer, all six maps;
 * ``grad-cam``  — pytorch-grad-cam computing the same six maps (one forward + full backward per method).
 
-Targets (DESIGN § 8): evidrift / forward ≤ 1.15 and grad-cam / evidrift ≥ 10.
+Targets (ARCHITECTURE §8): evidrift / forward ≤ 1.15 and grad-cam / evidrift ≥ 10.
 
     .venv/bin/python benchmarks/cam_engine.py                      # defaults: 3 archs, 224 px, batch 16
     .venv/bin/python benchmarks/cam_engine.py --archs resnetv2_50 --batch 4 --size 160 --repeats 1

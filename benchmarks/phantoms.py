@@ -3,7 +3,7 @@ process, and the full ``generate_phantom_set`` with its process pool, measured s
 
     .venv/bin/python benchmarks/phantoms.py [--n 400] [--size 256]
 
-Aim (DESIGN § 9, issue 2): >= 100 images/s at 256 px on 2 cores for the full set.
+Aim (ARCHITECTURE §9, issue 2): >= 100 images/s at 256 px on 2 cores for the full set.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ is skipped) go through ``evidrift.classifier.training.train_stage``:
 Augmentation is off so that both stage-1 variants see the same images. Printed per architecture:
 
 - img/s = train images × epochs / seconds of the stage-1 epochs (for cached: the feature pass included);
-- ``epochs ratio``: uncached / cached seconds over the stage-1 epochs (the DESIGN § 8 bar: ≥ 5×);
+- ``epochs ratio``: uncached / cached seconds over the stage-1 epochs (the ARCHITECTURE §8 bar: ≥ 5×);
 - ``stage ratio``: the same over the whole ``train_stage`` call, i.e. with the fixed costs both variants
   share (building the model, loading weights, writing the checkpoint);
 - stage-2 training img/s.

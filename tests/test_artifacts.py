@@ -1,4 +1,4 @@
-"""The run directory's atomic writes and the maps store (DESIGN § 3)."""
+"""The run directory's atomic writes and the maps store (ARCHITECTURE §3)."""
 
 from __future__ import annotations
 

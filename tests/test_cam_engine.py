@@ -338,7 +338,7 @@ def test_memory_flat_over_1000_calls():
 
 
 def test_no_graph_below_the_target_layer():
-    """Only the part above the target layers is recorded (the backward stops there; DESIGN § 8 speed)."""
+    """Only the part above the target layers is recorded (the backward stops there; ARCHITECTURE §8 speed)."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3),

@@ -1,9 +1,9 @@
-"""Parity of evidrift's CAM methods with pytorch-grad-cam (DESIGN § 8): max |Δ| of min-max maps ≤ 1e-4.
+"""Parity of evidrift's CAM methods with pytorch-grad-cam (ARCHITECTURE §8): max |Δ| of min-max maps ≤ 1e-4.
 
 pytorch-grad-cam computes its activations and gradients with its own forward and ``.backward()``; its raw
 layer-resolution map comes from its ``get_cam_image`` on them, then ReLU (as its ``compute_cam_per_layer``),
 then an exact min-max normalization (no epsilon) — the same normalization is applied to evidrift's map. The
-classifier weights are scaled up so that the logits have a trained scale (DESIGN § 8's note on epsilons).
+classifier weights are scaled up so that the logits have a trained scale (ARCHITECTURE §8's note on epsilons).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_parity_with_pytorch_grad_cam(setup, method):
     module = dict(model.named_modules())[layer]
     raw, acts = reference_raw(model, module, REFERENCE[method], x, out.targets.tolist())
     if method.startswith("eigen"):
-        # pytorch-grad-cam keeps LAPACK's arbitrary sign; DESIGN § 5 fixes it: positive correlation
+        # pytorch-grad-cam keeps LAPACK's arbitrary sign; ARCHITECTURE §5 fixes it: positive correlation
         # with Σ_k A_k (eigencam) or Σ_k G_k A_k (eigengradcam)
         if method == "eigengradcam":
             cam = REFERENCE[method](model, [module])

@@ -19,7 +19,7 @@ from evidrift.studies.config import parse_config
 
 pytestmark = pytest.mark.integration
 
-#: alias → (input side, DESIGN § 4 default CAM layer)
+#: alias → (input side, ARCHITECTURE §4 default CAM layer)
 ARCHS = {"densenet201": (64, "features.norm5"), "resnet50v2": (64, "norm"), "inceptionv3": (80, "Mixed_7c")}
 
 

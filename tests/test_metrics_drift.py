@@ -1,4 +1,4 @@
-"""Drift metrics: parity with scipy / scikit-image, exact small cases, properties (DESIGN § 6, § 8)."""
+"""Drift metrics: parity with scipy / scikit-image, exact small cases, properties (ARCHITECTURE §6, § 8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The phantom chest X-ray set and the stage-0 source set (DESIGN § 9)."""
+"""The phantom chest X-ray set and the stage-0 source set (ARCHITECTURE §9)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The HTML report: every section renders from a synthetic run directory written in the DESIGN § 3 formats,
-user strings are escaped, the file is self-contained, and headless Chromium renders it (screenshot test)."""
+"""The HTML report: every section renders from a synthetic run directory written in the ARCHITECTURE §3
+formats, user strings are escaped, the file is self-contained, and headless Chromium renders it (screenshot
+test)."""
 
 from __future__ import annotations
 

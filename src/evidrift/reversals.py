@@ -1,5 +1,5 @@
 """Rank reversals between CAM methods as a tested interaction, their count expected by chance, and the
-equivalence classes of methods that coincide at a layer (DESIGN § 5, § 7).
+equivalence classes of methods that coincide at a layer (ARCHITECTURE §5, § 7).
 
 A *contrast* is (layer, metric, methods a, b, architectures x, y) on the images that have a finite value in
 all four cells (x·a, y·a, x·b, y·b). Values are oriented as stability (``stability``: the metric for

@@ -1,4 +1,4 @@
-"""Statistics of a drift table (DESIGN § 7): summaries with bootstrap CIs, paired tests, rankings.
+"""Statistics of a drift table (ARCHITECTURE §7): summaries with bootstrap CIs, paired tests, rankings.
 
 Input: the drift table (one row per (id, arch, layer, method), one column per metric; see
 ``evidrift.metrics.drift.compare``). ``layer`` is the CAM layer as the study names it (``default``,

@@ -1,4 +1,4 @@
-"""Class activation maps (DESIGN § 5): tensors in, tensors out; nothing here knows of files or configs.
+"""Class activation maps (ARCHITECTURE §5): tensors in, tensors out; nothing here knows of files or configs.
 
 ``CAMEngine`` computes every gradient CAM of every target layer from one forward and one backward pass;
 ``methods`` holds the formulas (pure functions of activations and gradients), ``perturbation`` the methods

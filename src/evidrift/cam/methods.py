@@ -1,4 +1,4 @@
-"""CAM formulas: pure functions of a target layer's activations A and gradients G (DESIGN § 5).
+"""CAM formulas: pure functions of a target layer's activations A and gradients G (ARCHITECTURE §5).
 
 Every layer method takes ``A`` and ``G``, both [B, K, h, w] float32 (G = d score / d A, the same shape), and
 returns a map [B, h, w] float32 ≥ 0 at the layer's resolution. Input-space methods take the input ``x`` and
@@ -112,8 +112,8 @@ def eigencam(A: torch.Tensor, G: torch.Tensor | None = None) -> torch.Tensor:
 
 def eigengradcam(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Eigen-Grad-CAM: ReLU of the first-principal-component projection of G ⊙ A, sign fixed so that it
-    correlates positively with Σ_k G_k A_k (DESIGN § 5): the gradient's sign decides the orientation, so the
-    map of −G is the map of G's negative evidence, not the same map."""
+    correlates positively with Σ_k G_k A_k (ARCHITECTURE §5): the gradient's sign decides the orientation, so
+    the map of −G is the map of G's negative evidence, not the same map."""
     GA = G * A
     return torch.relu(first_component_projection(GA, GA.sum(dim=1)))
 

@@ -1,4 +1,4 @@
-"""study.yaml as pydantic models (DESIGN § 2).
+"""study.yaml as pydantic models (ARCHITECTURE §2).
 
 ``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
 whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
@@ -126,7 +126,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class TrainConfig(Section):
-    """The protocol (DESIGN § 4): stage 0 only without pretrained weights, stage 1 frozen, stage 2 full.
+    """The protocol (ARCHITECTURE §4): stage 0 only without pretrained weights, stage 1 frozen, stage 2 full.
     Each stage's keys default to ``STAGE_DEFAULTS`` one by one (setting one key never changes another)."""
 
     loss: Literal["ce", "bce"] = "ce"
@@ -171,7 +171,7 @@ class TrainConfig(Section):
 
 
 class StatsConfig(Section):
-    """Statistics (DESIGN § 7): seeded percentile bootstrap, Wilcoxon with Holm correction at ``alpha``;
+    """Statistics (ARCHITECTURE §7): seeded percentile bootstrap, Wilcoxon with Holm correction at ``alpha``;
     ``permutations``: draws of the permutation null of the rank-reversal count."""
 
     n_boot: Annotated[int, Field(ge=100)] = 2000

@@ -1,4 +1,5 @@
-"""timm-based classifiers: aliases, heads, weights, freezing, default CAM layers, checkpoint I/O (DESIGN § 4).
+"""timm-based classifiers: aliases, heads, weights, freezing, default CAM layers, checkpoint I/O
+(ARCHITECTURE §4).
 
 The model returned by ``build_model`` IS the timm model (so CAM layers keep timm's dotted names such as
 ``features.norm5``, ``norm`` or ``Mixed_7c``); only its classifier is replaced in place by an evidrift head
@@ -40,7 +41,8 @@ ALIASES: dict[str, str] = {
     "inceptionv3": "inception_v3",
 }
 
-#: Default CAM layer per timm family (DESIGN § 4): the output of the last conv stage after its activation.
+#: Default CAM layer per timm family (ARCHITECTURE §4): the output of the last conv stage after its
+#: activation.
 _DEFAULT_CAM_LAYERS: tuple[tuple[str, str], ...] = (
     ("densenet", "features.norm5"),
     ("resnetv2_", "norm"),
@@ -426,7 +428,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Non
 
 # --- CAM layers ---------------------------------------------------------------------------------------------
 def default_cam_layers(model: nn.Module, arch: str) -> list[str]:
-    """DESIGN § 4's layer for the paper's families (densenet ``features.norm5``, resnetv2 ``norm``,
+    """ARCHITECTURE §4's layer for the paper's families (densenet ``features.norm5``, resnetv2 ``norm``,
     inception_v3 ``Mixed_7c``), else the ``auto`` layer (timm ``feature_info``'s last entry)."""
     timm_name = resolve_arch(arch)
     modules = dict(unwrap(model).named_modules())

@@ -1,5 +1,6 @@
-"""The training protocol (DESIGN § 4): stage 0 (source pretraining), stage 1 (frozen backbone, optionally on
-cached features), stage 2 (full fine-tuning from stage 1's best), single process or torchrun DDP.
+"""The training protocol (ARCHITECTURE §4): stage 0 (source pretraining), stage 1 (frozen backbone,
+optionally on cached features), stage 2 (full fine-tuning from stage 1's best), single process or torchrun
+DDP.
 
 Files of one model under ``run/models/{key}/``:
 
@@ -123,7 +124,7 @@ def stage_config(config: ClassifierStudy, stage: str) -> StageConfig:
 
 
 def uses_stage0(model_cfg: ModelConfig) -> bool:
-    """Stage 0 runs only without pretrained weights (DESIGN § 4)."""
+    """Stage 0 runs only without pretrained weights (ARCHITECTURE §4)."""
     return model_cfg.weights == "none"
 
 

@@ -1,4 +1,4 @@
-"""The run directory: its paths, atomic writes, the config hash, and the maps store (DESIGN § 3).
+"""The run directory: its paths, atomic writes, the config hash, and the maps store (ARCHITECTURE §3).
 
 Every file a run writes goes through this module: a temporary file in the same folder, flushed and fsynced,
 then ``os.replace`` onto the final name, so a reader never sees a half-written file and a killed process

@@ -1,4 +1,4 @@
-"""The run directory: its paths, atomic writes, the config hash, and the maps store (DESIGN § 3).
+"""The run directory: its paths, atomic writes, the config hash, and the maps store (ARCHITECTURE §3).
 
 Every file a run writes goes through this module: a temporary file in the same folder, flushed and fsynced,
 then ``os.replace`` onto the final name, so a reader never sees a half-written file and a killed process
@@ -21,7 +21,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Every path of a run directory (DESIGN § 3). Pure path arithmetic: nothing is created."""
+    """Every path of a run directory (ARCHITECTURE §3). Pure path arithmetic: nothing is created."""
 
     root: Path
 

@@ -1,4 +1,4 @@
-"""study.yaml as pydantic models (DESIGN § 2).
+"""study.yaml as pydantic models (ARCHITECTURE §2).
 
 ``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
 whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
@@ -16,7 +16,7 @@ from evidrift.core.config import Section
 
 
 class PhantomConfig(Section):
-    """The embedded procedural chest X-ray set (DESIGN § 9)."""
+    """The embedded procedural chest X-ray set (ARCHITECTURE §9)."""
 
     n: Annotated[int, Field(ge=10, description="number of images (balanced over the five classes)")] = 500
     size: Annotated[int, Field(ge=32, le=2048, description="image side in pixels")] = 256

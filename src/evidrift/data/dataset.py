@@ -1,4 +1,4 @@
-"""A torch Dataset over manifest rows (DESIGN § 3): reads, preprocesses and (optionally) augments images.
+"""A torch Dataset over manifest rows (ARCHITECTURE §3): reads, preprocesses and (optionally) augments images.
 
 Augmentation is deterministic per (seed, epoch, index): every item draws from its own ``torch.Generator``
 seeded by ``SeedSequence([seed, epoch, index])``, so results do not depend on the worker count or the order

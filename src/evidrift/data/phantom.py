@@ -1,4 +1,5 @@
-"""Procedural chest X-ray phantoms with exact lesion masks (DESIGN § 9), and the writing of generated sets.
+"""Procedural chest X-ray phantoms with exact lesion masks (ARCHITECTURE §9), and the writing of generated
+sets.
 
 A phantom is a PA (posteroanterior) chest radiograph seen from the viewer: the patient's right is on the
 image's left, so the heart bulges to the image's right. Anatomy: soft-tissue thorax with shoulders and neck,

@@ -1,4 +1,4 @@
-"""Image files → float32 grayscale arrays [H, W] in [0, 1] (DESIGN § 2).
+"""Image files → float32 grayscale arrays [H, W] in [0, 1] (ARCHITECTURE §2).
 
 Formats and how their values map to [0, 1]:
 

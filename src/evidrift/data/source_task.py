@@ -1,4 +1,4 @@
-"""The stage-0 ``source`` task (DESIGN § 9): synthetic images whose classes are lesion-like patterns, not
+"""The stage-0 ``source`` task (ARCHITECTURE §9): synthetic images whose classes are lesion-like patterns, not
 chest X-ray classes, so that stage 0 pretrains a backbone on a task other than the target, offline.
 
 ``render_source`` draws one image (a pattern added to a lesion-free phantom chest or to a smooth synthetic

@@ -1,4 +1,5 @@
-"""Where images come from: phantom set, class folders or CSV manifest → one checked manifest (DESIGN § 3).
+"""Where images come from: phantom set, class folders or CSV manifest → one checked manifest (ARCHITECTURE
+§3).
 
 ``prepare_data(config, paths)`` turns ``config.data`` into ``run/data/manifest.parquet`` (written atomically)
 and ``run/data/classes.json`` (the class names in label-index order, a JSON list). Manifest columns:

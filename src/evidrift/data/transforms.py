@@ -1,4 +1,5 @@
-"""Image [H, W] in [0, 1] → model input [3, S, S] (DESIGN § 2): resize, augmentation, 3 channels, normalize.
+"""Image [H, W] in [0, 1] → model input [3, S, S] (ARCHITECTURE §2): resize, augmentation, 3 channels,
+normalize.
 
 Resizing keeps the aspect ratio: ``pad`` scales the longer side to S and pads the shorter one symmetrically
 with 0 (black, like the air around a radiograph); ``crop`` scales the shorter side to S and cuts the centre.

@@ -1,4 +1,4 @@
-"""Metrics of explanation maps (DESIGN § 6): drift (map vs map), localization (map vs mask/boxes) and
+"""Metrics of explanation maps (ARCHITECTURE §6): drift (map vs map), localization (map vs mask/boxes) and
 complexity (one map). Tensors in, tensors or tables out; nothing here knows about files or configs."""
 
 from evidrift.metrics.common import AnalysisMaps

@@ -1,4 +1,4 @@
-"""Batched primitives shared by the drift, localization and complexity metrics (DESIGN § 6).
+"""Batched primitives shared by the drift, localization and complexity metrics (ARCHITECTURE §6).
 
 Everything works on batches of maps ``[N, H, W]`` on the maps' own device. ``AnalysisMaps`` holds one batch
 prepared for analysis (resized, negatives clipped, degenerate maps flagged and zeroed) and computes derived

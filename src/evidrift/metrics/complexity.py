@@ -1,4 +1,4 @@
-"""Complexity of one map (DESIGN § 6): ``entropy``, ``gini``, ``sparseness``. [N, H, W] → float64 [N].
+"""Complexity of one map (ARCHITECTURE §6): ``entropy``, ``gini``, ``sparseness``. [N, H, W] → float64 [N].
 
 All three are invariant to positive scaling of the map and computed after the common preparation
 (``evidrift.metrics.common.AnalysisMaps``: resize, negatives clipped to 0). A degenerate map (all zero or

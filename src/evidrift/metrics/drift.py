@@ -1,4 +1,4 @@
-"""Reference-free drift metrics: map a vs map b (DESIGN § 6). Batched: [N, H, W] pairs → float64 [N].
+"""Reference-free drift metrics: map a vs map b (ARCHITECTURE §6). Batched: [N, H, W] pairs → float64 [N].
 
 Every metric is one function ``fn(a, b, **params)`` taking two ``AnalysisMaps`` (or raw tensors, which are
 prepared with the defaults) and returning float64 [N] with NaN where a map breaks it. ``compare`` runs any

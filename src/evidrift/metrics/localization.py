@@ -1,4 +1,4 @@
-"""Localization: a map vs a ground-truth mask or boxes (DESIGN § 6). Batched: [N, H, W] → float64 [N].
+"""Localization: a map vs a ground-truth mask or boxes (ARCHITECTURE §6). Batched: [N, H, W] → float64 [N].
 
 Maps are prepared as everywhere (``AnalysisMaps``: resized bilinearly to the mask's size unless ``size`` is
 given, negatives clipped); masks [N, H, W] (bool or {0, 1}) are resized with nearest neighbour when sizes

@@ -1,4 +1,4 @@
-"""study.yaml as pydantic models (DESIGN § 2).
+"""study.yaml as pydantic models (ARCHITECTURE §2).
 
 ``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
 whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are

@@ -1,4 +1,5 @@
-"""The drift step (``evidrift drift RUN_DIR``): maps store → drift table → statistics (DESIGN § 3, § 6, § 7).
+"""The drift step (``evidrift drift RUN_DIR``): maps store → drift table → statistics (ARCHITECTURE §3, § 6,
+§ 7).
 
 For each architecture and each method stored at both stages, the stage-1 and stage-2 maps are paired by image
 id (inner join, stage-1 order), compared with every requested drift metric at the analysis size, and written

@@ -1,4 +1,4 @@
-"""study.yaml as pydantic models (DESIGN § 2).
+"""study.yaml as pydantic models (ARCHITECTURE §2).
 
 ``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
 whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
@@ -31,8 +31,8 @@ class ExplainConfig(Section):
 
 
 class DriftConfig(Section):
-    """Reference-free drift metrics (DESIGN § 6). ``metrics``: ``all`` or names; ``size``: analysis side in
-    pixels, one for the whole study (null = the smallest input size of the study's models); ``zone_grid``:
+    """Reference-free drift metrics (ARCHITECTURE §6). ``metrics``: ``all`` or names; ``size``: analysis side
+    in pixels, one for the whole study (null = the smallest input size of the study's models); ``zone_grid``:
     [rows, columns]; ``topk``: fractions for @k; ``equivalence_spearman``: two methods whose maps agree with
     a median Spearman ≥ this (or differ by ≤ 1e-3 after min-max) for every architecture at a layer count as
     one method there."""

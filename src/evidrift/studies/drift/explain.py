@@ -1,9 +1,10 @@
 """The explain step (``evidrift explain study.yaml``): a stage checkpoint's maps of the selected test images.
 
-For one (arch, stage): the checkpoint is loaded, the test images chosen by ``explain.samples`` (DESIGN § 4:
+For one (arch, stage): the checkpoint is loaded, the test images chosen by ``explain.samples`` (ARCHITECTURE
+§4:
 ``tp_both`` = correctly classified at both stages, ``tp_any``, ``all``; from ``run/eval/{arch}.parquet``;
 capped by ``explain.max_images``, in manifest order) are streamed in batches through ``CAMEngine`` and the
-maps are written to the maps store (DESIGN § 3) in shards of ``explain.shard_size`` images:
+maps are written to the maps store (ARCHITECTURE §3) in shards of ``explain.shard_size`` images:
 ``maps/{arch}/stage{s}/{name}.part{k}.safetensors``; ``name`` is the method (with several CAM layers:
 ``{method}@{layer}`` with the layer as the study names it, e.g. ``gradcam@spatial``; ``ms-*`` fusions keep
 their name). Each shard's metadata holds the ids, layer(s),

@@ -1,5 +1,5 @@
 """Localization of the maps against the ground truth (masks, or masks rasterised from the CSV's boxes): the
-drift step's ``localization.parquet`` and ``localization_summary.csv`` (DESIGN § 6)."""
+drift step's ``localization.parquet`` and ``localization_summary.csv`` (ARCHITECTURE §6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The drift study (DESIGN § 3): data → stage 0 → stage 1 → stage 2 → evaluate → explain → drift → report,
-declared as ``DRIFT_STEPS`` and run by the generic runner (``core.steps``: hashes, markers, resume,
+"""The drift study (ARCHITECTURE §3): data → stage 0 → stage 1 → stage 2 → evaluate → explain → drift →
+report, declared as ``DRIFT_STEPS`` and run by the generic runner (``core.steps``: hashes, markers, resume,
 ``--force``, ``--until``, torchrun barriers).
 
 Each step's hash covers the config keys it uses and the hashes of the steps it reads (a DAG, not a chain:

@@ -1,4 +1,4 @@
-"""The "How to Probe" heads and the probed network (DESIGN § 10).
+"""The "How to Probe" heads and the probed network (ARCHITECTURE §10).
 
 The reference (Gairola et al., github.com/sidgairo18/how-to-probe, mmpretrain configs
 ``probing/single_label_classification/resnet50_*-postavgpool*``) builds every head with ``neck=None`` and

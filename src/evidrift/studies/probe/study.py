@@ -1,4 +1,5 @@
-"""Head probing study ("How to Probe", Gairola et al.; DESIGN § 10): how the head changes the explanations.
+"""Head probing study ("How to Probe", Gairola et al.; ARCHITECTURE §10): how the head changes the
+explanations.
 
 On one frozen backbone (pretrained weights, the run's stage-0 checkpoint, or its stage-2 backbone), a head
 is trained for every variant ``loss × head`` — losses ``ce`` and ``bce`` (uniform off-labels, targets
@@ -164,7 +165,7 @@ def reference_layer(backbone: nn.Module, arch: str) -> str:
     """The reference's Grad-CAM layer, a module name inside ``backbone``: the last residual block's final
     convolution, before its BN, residual add and activation (``layer4[-1].conv3`` for ResNet-50;
     ``conv2`` for BasicBlock ResNets; ``stages[-1].blocks[-1].conv3`` for ResNetV2). Architectures without
-    such a block (DenseNet, Inception) use DESIGN § 4's default CAM layer."""
+    such a block (DenseNet, Inception) use ARCHITECTURE §4's default CAM layer."""
     names = dict(backbone.named_modules())
     for stage in ("layer4", "stages.3"):
         if stage not in names:
