@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import checkpoint, models
-from evidrift.classifier.training import evaluate_study, train_study
+from evidrift.classifier.evaluate import evaluate_study
+from evidrift.classifier.training import train_study
 from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
 from evidrift.studies.config import parse_config

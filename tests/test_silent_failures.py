@@ -286,7 +286,7 @@ class _Exploding(torch.nn.Module):
 def test_a_diverging_stage_stops_naming_epoch_loss_and_settings_keeping_the_last_good_epoch(
     tmp_path: Path,
 ) -> None:
-    from evidrift.classifier.evaluate import TensorFeed
+    from evidrift.classifier.feeds import TensorFeed
     from evidrift.classifier.training import (
         FitOptions,
         StageFiles,

@@ -21,7 +21,7 @@ from torch import nn
 import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import checkpoint, models
 from evidrift.classifier.config import HeadConfig, StageConfig
-from evidrift.classifier.evaluate import ImageFeed, TensorFeed, classification_metrics
+from evidrift.classifier.feeds import ImageFeed, TensorFeed
 from evidrift.classifier.freezing import freeze_backbone
 from evidrift.classifier.training import (
     FitOptions,
@@ -38,6 +38,7 @@ from evidrift.core.distributed import Context, epoch_batches
 from evidrift.core.io import read_jsonl
 from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
+from evidrift.stats import classification_metrics
 from evidrift.studies.config import parse_config
 
 
@@ -329,7 +330,7 @@ def test_stage1_standardized_head_is_folded_into_a_plain_checkpoint(
 ) -> None:
     """Stage 1 trains on standardized features; the checkpoint is a plain model whose predictions on the val
     split reproduce the val accuracy and loss logged for its best epoch."""
-    from evidrift.classifier.evaluate import predict_logits
+    from evidrift.classifier.feeds import predict_logits
     from evidrift.data.dataset import ManifestDataset
 
     raw = _tiny_study_dict(tmp_path)

@@ -465,3 +465,28 @@ def summarize_values(
             }
         )
     return pd.DataFrame(rows)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """labels [N] int in [0, C), probs [N, C] → accuracy, macro_f1, auroc (list of C one-vs-rest AUROCs, NaN
+    for a class without positives or negatives) and macro_auroc (mean of the defined ones; NaN if none)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = probs.shape[1]
+    preds = probs.argmax(axis=1)
+    aurocs = []
+    for c in range(n_classes):
+        positives = labels == c
+        if positives.all() or not positives.any():
+            aurocs.append(float("nan"))
+        else:
+            aurocs.append(float(roc_auc_score(positives, probs[:, c])))
+    defined = [a for a in aurocs if not np.isnan(a)]
+    return {
+        "accuracy": float((preds == labels).mean()) if len(labels) else float("nan"),
+        "macro_f1": float(
+            f1_score(labels, preds, average="macro", labels=list(range(n_classes)), zero_division=0)
+        ),
+        "auroc": aurocs,
+        "macro_auroc": float(np.mean(defined)) if defined else float("nan"),
+    }

@@ -48,15 +48,7 @@ from tqdm.auto import tqdm
 from evidrift.classifier import models
 from evidrift.classifier.checkpoint import read_checkpoint_meta, save_checkpoint
 from evidrift.classifier.config import ClassifierStudy, HeadConfig, ModelConfig, StageConfig
-from evidrift.classifier.evaluate import (
-    Feed,
-    ImageFeed,
-    TensorFeed,
-    classification_metrics,
-    evaluate_study,
-    predict_logits,
-    probabilities,
-)
+from evidrift.classifier.feeds import Feed, ImageFeed, TensorFeed, predict_logits, probabilities
 from evidrift.classifier.freezing import (
     NOTHING_FROZEN,
     Freezing,
@@ -70,8 +62,9 @@ from evidrift.core.distributed import Context, all_reduce_sum, epoch_batches
 from evidrift.core.errors import DataError, EvidriftError, MissingInputError, UsageError
 from evidrift.core.io import atomic_path, config_hash, read_jsonl, save_safetensors_atomic, write_text_atomic
 from evidrift.core.paths import RunPaths
+from evidrift.stats import classification_metrics
 
-__all__ = ["TrainingDivergedError", "evaluate_study", "fit", "train_stage", "train_study"]
+__all__ = ["FitOptions", "Trainee", "TrainingDivergedError", "fit", "train_stage", "train_study"]
 
 logger = logging.getLogger("evidrift.classifier.training")
 STAGES = ("0", "1", "2")

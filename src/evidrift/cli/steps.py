@@ -103,7 +103,7 @@ def evaluate(
     """Classify the test split with the stage-1 and stage-2 checkpoints: eval/{arch}.parquet,
     eval/classification.csv (accuracy, macro-F1, macro AUROC with 95% bootstrap CIs) and
     eval/accuracy_change.csv (the paired stage 1 → stage 2 change, exact McNemar test)."""
-    from evidrift.classifier.training import evaluate_study
+    from evidrift.classifier.evaluate import evaluate_study
     from evidrift.core import distributed
     from evidrift.core.paths import RunPaths
     from evidrift.studies.config import load_config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from evidrift.core.paths import RunPaths
+
 if TYPE_CHECKING:
     from evidrift.studies.config import StudyConfig
 
@@ -24,7 +26,7 @@ def _print_drift_table(run_dir: Path, title: str) -> None:
 
     from evidrift.studies.drift.analysis import summary_rows
 
-    header, rows = summary_rows(pd.read_csv(run_dir / "summary.csv"))
+    header, rows = summary_rows(pd.read_csv(RunPaths.at(run_dir).summary))
     table = Table(title=title)
     for column in header:
         table.add_column(
@@ -45,10 +47,10 @@ def _findings_lines(run_dir: Path) -> list[str]:
     from evidrift.reversals import summary_line
 
     lines = []
-    reversal_summary = run_dir / "reversals_summary.csv"
+    reversal_summary = RunPaths.at(run_dir).reversals_summary
     if reversal_summary.is_file():
         lines.append(summary_line(pd.read_csv(reversal_summary)))
-    equivalence = run_dir / "equivalence.csv"
+    equivalence = RunPaths.at(run_dir).equivalence
     if equivalence.is_file() and equivalence.stat().st_size > 1:
         from evidrift.studies.drift.report import equivalence_sentences
 

@@ -42,7 +42,7 @@ class RunPaths:
         return self.data_dir / "manifest.parquet"
 
     def model_dir(self, arch: str) -> Path:
-        return self.root / "models" / arch
+        return self.models_dir / arch
 
     def checkpoint(self, arch: str, stage: int | str) -> Path:
         """``models/{arch}/stage{stage}.safetensors`` (its JSON sidecar: ``.with_suffix('.json')``)."""
@@ -67,6 +67,10 @@ class RunPaths:
     def accuracy_change(self) -> Path:
         """``eval/accuracy_change.csv``: the paired stage-1 → stage-2 accuracy change per arch (McNemar)."""
         return self.eval_dir / "accuracy_change.csv"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
 
     @property
     def maps_root(self) -> Path:
@@ -125,6 +129,17 @@ class RunPaths:
     @property
     def figures_dir(self) -> Path:
         return self.root / "figures"
+
+    # --- `evidrift compare` ------------------------------------------------------------------------------
+    @property
+    def band_dir(self) -> Path:
+        """``band/``: the noise band's run (its maps and per-image drift) of a comparison."""
+        return self.root / "band"
+
+    @property
+    def gate_dir(self) -> Path:
+        """``gate/``: a comparison's verdicts.json and where-tables."""
+        return self.root / "gate"
 
     # --- the probe and sanity studies (``evidrift probe`` / ``evidrift sanity``) ---------------------------
     @property

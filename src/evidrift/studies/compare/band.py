@@ -41,8 +41,6 @@ from evidrift.core.paths import RunPaths
 from evidrift.studies.config import StudyConfig
 from evidrift.studies.drift.analysis import DriftSettings, drift_jobs, drift_table, study_analysis_size
 
-BAND_DIR = "band"
-
 
 @dataclass(frozen=True)
 class Perturbation:
@@ -108,7 +106,7 @@ def perturb(
 
 # --- the two bands ------------------------------------------------------------------------------------------
 def _fresh_band_dir(paths: RunPaths) -> RunPaths:
-    band = RunPaths.at(paths.root / BAND_DIR)
+    band = RunPaths.at(paths.band_dir)
     if band.root.exists():
         shutil.rmtree(band.root)
     band.root.mkdir(parents=True)
@@ -250,5 +248,5 @@ def _predictions(paths: RunPaths, key: str) -> dict[str, int]:
 def band_record(paths: RunPaths) -> dict[str, object]:
     """``OUT/band/band.json``: the band's kind and parameters (and, for input-noise, the share of images
     whose predicted class the perturbation left unchanged); empty when there is no band."""
-    file = paths.root / BAND_DIR / "band.json"
+    file = paths.band_dir / "band.json"
     return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}

@@ -29,12 +29,10 @@ from evidrift.report.elements import (
 )
 from evidrift.report.map_sections import DISPLAY_SIZE, _display_image
 
-GATE_DIR = "gate"
-
 
 def has_compare_gate(paths: RunPaths) -> bool:
     """Whether the run is a comparison with a gate folder (``OUT/gate/verdicts.json``)."""
-    return (paths.root / GATE_DIR / "verdicts.json").is_file()
+    return (paths.gate_dir / "verdicts.json").is_file()
 
 
 def _verdict_table(document: dict[str, Any]) -> Table:
@@ -171,7 +169,7 @@ def compare_gate_section(
 ) -> Section:
     """The section (module docstring)."""
     section = Section("gate", "Gate verdicts and where the evidence moved", "Gate")
-    folder = paths.root / GATE_DIR
+    folder = paths.gate_dir
     document = json.loads((folder / "verdicts.json").read_text(encoding="utf-8"))
     band = document.get("band") or {}
     kind = band.get("kind")

@@ -332,7 +332,7 @@ class CompareJob:
         request = {"a": str(self.a), "b": str(self.b), "data": str(self.data), "split": self.split}
         return (
             Step("data", self.run_data, config=("data",), inputs=lambda c: request,
-                 outputs=lambda c, p: [p.data_dir, p.root / "models"]),
+                 outputs=lambda c, p: [p.data_dir, p.models_dir]),
             Step("evaluate", self.run_evaluate, reads=("data",), config=("stats",),
                  outputs=lambda c, p: [p.eval_dir]),
             Step("explain", self.run_explain, reads=("data",), config=("explain",),
@@ -340,8 +340,8 @@ class CompareJob:
             Step("drift", self.run_drift, reads=("explain",), config=("drift", "stats"),
                  outputs=lambda c, p: [p.drift, p.summary, p.localization_summary]),
             Step("band", self.run_band, reads=("drift",), inputs=lambda c: {"band": self.band_kind},
-                 outputs=lambda c, p: [p.root / "band"]),
-            Step("gate", self.run_gate, reads=("band",), outputs=lambda c, p: [p.root / "gate"]),
+                 outputs=lambda c, p: [p.band_dir]),
+            Step("gate", self.run_gate, reads=("band",), outputs=lambda c, p: [p.gate_dir]),
             Step("report", self.run_report, reads=("gate", "evaluate"), config=("report",),
                  outputs=lambda c, p: [p.report, p.figures_dir]),
         )  # fmt: skip
@@ -457,7 +457,7 @@ def _gate(
     """Verdicts of every gate and the where-tables, written to ``OUT/gate/`` (verdicts.json + CSVs)."""
     from evidrift.studies.compare.gates import all_verdicts
     from evidrift.studies.compare.verdicts import verdicts_document
-    from evidrift.studies.compare.where import GATE_DIR, write_where
+    from evidrift.studies.compare.where import write_where
 
     verdicts: list[Verdict] = []
     gated: list[str] = []
@@ -467,5 +467,5 @@ def _gate(
         band_first = [v for v in verdicts if v.gate == "fail-beyond-band"] + verdicts
         gated = list(dict.fromkeys(v.metric for v in band_first))
     where = write_where(paths, drift, band_drift, gated, tuple(config.drift.zone_grid), k)
-    write_json_atomic(paths.root / GATE_DIR / "verdicts.json", verdicts_document(verdicts, context))
+    write_json_atomic(paths.gate_dir / "verdicts.json", verdicts_document(verdicts, context))
     return verdicts, where

@@ -26,7 +26,6 @@ from evidrift.core.maps_store import read_maps
 from evidrift.core.paths import RunPaths
 from evidrift.metrics.common import AnalysisMaps
 
-GATE_DIR = "gate"
 #: Fallback selection metrics, first one present.
 SELECTION_METRICS = ("topk_iou@0.2", "topk_iou@0.1", "spearman", "centroid_shift", "js")
 #: Metrics of the per-class table besides the gated ones, when computed.
@@ -189,7 +188,7 @@ def write_where(
         "most_drifted": most_drifted(drift, band, manifest, metric, k) if metric else pd.DataFrame(),
     }
     for name, table in tables.items():
-        write_csv_atomic(paths.root / GATE_DIR / f"{name}.csv", table)
+        write_csv_atomic(paths.gate_dir / f"{name}.csv", table)
     return tables
 
 

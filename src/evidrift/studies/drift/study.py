@@ -431,7 +431,7 @@ def run_study(
     if ctx.is_main:
         if replacing:
             say(f"[all] {paths.root} held another study: replacing it (--force all)")
-            steps.remove(paths.root / "models")
+            steps.remove(paths.models_dir)
         paths.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(paths.config, dump_yaml(config))
         previous = steps.previous_hash(paths, "data")

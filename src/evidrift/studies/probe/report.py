@@ -193,7 +193,7 @@ def probe_report_section(run_dir: str | os.PathLike[str]) -> str:
     Missing figures are drawn from the summaries first. Returns ``""`` when neither study has run.
     """
     root = Path(run_dir)
-    figures = root / "figures"
+    figures = RunPaths.at(root).figures_dir
     parts: list[str] = []
     probe_summary = RunPaths.at(root).probe_summary
     if probe_summary.is_file():
