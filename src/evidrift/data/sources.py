@@ -431,127 +431,19 @@ def build_manifest(
     if "where" not in table.columns:
         table["where"] = [f"{origin} row {i + 1}" for i in range(len(table))]
     classes = list(classes)
-    if not classes:
-        raise ManifestError(f"{origin}: no classes found; list them in data.classes or add labelled images")
-    if len(set(classes)) != len(classes):
-        raise ManifestError(f"data.classes lists a class twice: {classes}")
-    if table.empty:
-        raise ManifestError(f"{origin}: no images listed")
-
-    blank = [
-        w for w, p, lab in zip(table["where"], table["path"], table["label"], strict=True) if not p or not lab
-    ]
-    _raise_if(blank, f"{origin}: empty path or label", "fill in both the path and the label of each row")
-
-    unknown = [
-        f"{w}: label {lab!r}"
-        for w, lab in zip(table["where"], table["label"], strict=True)
-        if lab not in classes
-    ]
-    _raise_if(
-        unknown,
-        f"{origin}: labels not in the classes {classes}",
-        "correct the label or add it to data.classes",
-    )
-
-    counts = table["label"].value_counts()
-    empty = [c for c in classes if counts.get(c, 0) == 0]
-    if empty:
-        raise ManifestError(
-            f"{origin}: class(es) {empty} have no images; add images of them or remove them from data.classes"
-        )
-
+    _check_rows(table, classes, origin)
     table["abs_path"] = [_resolve(base, p) for p in table["path"]]
-    duplicated = table["abs_path"].duplicated(keep=False)
-    if duplicated.any():
-        groups = table[duplicated].groupby("abs_path")["where"].apply(list)
-        listed = [f"{path} in {', '.join(where)}" for path, where in groups.items()]
-        _raise_if(listed, f"{origin}: the same image is listed more than once", "keep one row per image")
-
-    missing = [
-        f"{w}: {p}" for w, p in zip(table["where"], table["abs_path"], strict=True) if not Path(p).is_file()
-    ]
-    _raise_if(
-        missing,
-        f"{origin}: image files not found",
-        "fix the path (relative to the CSV's folder) or remove the row",
-    )
-
+    _check_files(table, origin)
     splits = _given_splits(table, origin)
     patients = _patient_ids(table)
     boxes = _boxes(table, origin)
     mask_paths = _mask_paths(table, base, origin)
-
-    # decode every image once: corrupt files and mask sizes are found before any training
-    statuses: list[str] = []
-    problems: list[str] = []
-    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
-        decoded = pool.map(_try_shape, table["abs_path"])
-        checked = list(
-            tqdm(decoded, total=len(table), desc="checking images", unit="img", disable=len(table) < 500)
-        )
-    shapes = [shape for shape, _ in checked]
-    warnings = [note for _, image_notes in checked for note in image_notes]
-    bad = [
-        (w, p, s)
-        for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True)
-        if isinstance(s, str)
-    ]
-    if bad and on_bad_image == "error":
-        _raise_if(
-            [f"{w}: {reason}" for w, _, reason in bad],
-            f"{origin}: unreadable images",
-            "replace or remove these files, or set data.on_bad_image: skip to leave them out",
-        )
-    for where, path, shape, mask_path, box in zip(
-        table["where"], table["abs_path"], shapes, mask_paths, boxes, strict=True
-    ):
-        if isinstance(shape, str):
-            statuses.append(f"skipped: {shape}")
-            if where == path:  # class folders: the location is the path itself
-                logger.warning("skipping %s: %s", path, shape)
-            else:
-                logger.warning("skipping %s (%s): %s", path, where, shape)
-            continue
-        statuses.append("ok")
-        if input_size is not None:
-            factor = input_size / (max(shape) if resize == "pad" else min(shape))
-            if factor > UPSCALE_WARNING:
-                warnings.append(
-                    f"{where}: {shape[1]}x{shape[0]} px image is upscaled {factor:.1f}x to the "
-                    f"{input_size} px model input (more than {UPSCALE_WARNING:g}x: little detail left to "
-                    "explain); use larger images or a smaller models[].image_size"
-                )
-        if mask_path is not None:
-            try:
-                mask_shape = read_mask(mask_path).shape
-            except ImageReadError as exc:
-                problems.append(f"{where}: mask {mask_path} cannot be read ({exc})")
-                continue
-            if mask_shape != shape:
-                problems.append(
-                    f"{where}: mask {mask_path} is {mask_shape[1]}x{mask_shape[0]} (WxH) but the image is "
-                    f"{shape[1]}x{shape[0]}; masks must have the image's size (re-export the mask)"
-                )
-        if box is not None:
-            height, width = shape
-            for x0, y0, x1, y1 in json.loads(box):
-                if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-                    problems.append(
-                        f"{where}: box [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image; "
-                        "boxes are pixel coordinates x0,y0,x1,y1 within the image"
-                    )
-    _raise_if(problems, f"{origin}: masks or boxes do not fit their images", "see each line")
-    for line in warnings[:_MAX_LISTED]:
-        logger.warning("%s", line)
-    if len(warnings) > _MAX_LISTED:
-        logger.warning("... and %d more warnings like these", len(warnings) - _MAX_LISTED)
+    statuses, warnings = _check_images(
+        table, mask_paths, boxes, origin, on_bad_image, decode_workers, input_size, resize
+    )
+    _log_warnings(warnings, statuses)
     if notes is not None:
         notes.extend(warnings)
-    skipped = sum(s != "ok" for s in statuses)
-    if skipped:
-        logger.warning("%d of %d images skipped as unreadable (on_bad_image: skip)", skipped, len(statuses))
-
     if splits is None:
         splits = assign_splits(table["label"].tolist(), patients, val=val, test=test, seed=seed)
 
@@ -573,6 +465,146 @@ def build_manifest(
         if column not in frame.columns:
             frame[column] = _typed(table[column])
     return frame
+
+
+def _check_rows(table: pd.DataFrame, classes: list[str], origin: str) -> None:
+    """The classes and every row's path and label: ``ManifestError`` listing the rows that are wrong."""
+    if not classes:
+        raise ManifestError(f"{origin}: no classes found; list them in data.classes or add labelled images")
+    if len(set(classes)) != len(classes):
+        raise ManifestError(f"data.classes lists a class twice: {classes}")
+    if table.empty:
+        raise ManifestError(f"{origin}: no images listed")
+    blank = [
+        w for w, p, lab in zip(table["where"], table["path"], table["label"], strict=True) if not p or not lab
+    ]
+    _raise_if(blank, f"{origin}: empty path or label", "fill in both the path and the label of each row")
+    unknown = [
+        f"{w}: label {lab!r}"
+        for w, lab in zip(table["where"], table["label"], strict=True)
+        if lab not in classes
+    ]
+    _raise_if(
+        unknown,
+        f"{origin}: labels not in the classes {classes}",
+        "correct the label or add it to data.classes",
+    )
+    counts = table["label"].value_counts()
+    empty = [c for c in classes if counts.get(c, 0) == 0]
+    if empty:
+        raise ManifestError(
+            f"{origin}: class(es) {empty} have no images; add images of them or remove them from data.classes"
+        )
+
+
+def _check_files(table: pd.DataFrame, origin: str) -> None:
+    """Every resolved path (``abs_path``) listed once and existing: ``ManifestError`` listing the others."""
+    duplicated = table["abs_path"].duplicated(keep=False)
+    if duplicated.any():
+        groups = table[duplicated].groupby("abs_path")["where"].apply(list)
+        listed = [f"{path} in {', '.join(where)}" for path, where in groups.items()]
+        _raise_if(listed, f"{origin}: the same image is listed more than once", "keep one row per image")
+    missing = [
+        f"{w}: {p}" for w, p in zip(table["where"], table["abs_path"], strict=True) if not Path(p).is_file()
+    ]
+    _raise_if(
+        missing,
+        f"{origin}: image files not found",
+        "fix the path (relative to the CSV's folder) or remove the row",
+    )
+
+
+def _check_images(
+    table: pd.DataFrame,
+    mask_paths: list[str | None],
+    boxes: list[str | None],
+    origin: str,
+    on_bad_image: str,
+    decode_workers: int,
+    input_size: int | None,
+    resize: str,
+) -> tuple[list[str], list[str]]:
+    """Decode every image once, so that corrupt files and mask sizes are found before any training; returns
+    (status per row: ``ok`` or ``skipped: reason``, warnings). Raises ``ManifestError`` for unreadable images
+    (unless ``on_bad_image: skip``) and for masks or boxes that do not fit their images."""
+    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
+        decoded = pool.map(_try_shape, table["abs_path"])
+        checked = list(
+            tqdm(decoded, total=len(table), desc="checking images", unit="img", disable=len(table) < 500)
+        )
+    shapes = [shape for shape, _ in checked]
+    warnings = [note for _, image_notes in checked for note in image_notes]
+    bad = [
+        (w, p, s)
+        for w, p, s in zip(table["where"], table["abs_path"], shapes, strict=True)
+        if isinstance(s, str)
+    ]
+    if bad and on_bad_image == "error":
+        _raise_if(
+            [f"{w}: {reason}" for w, _, reason in bad],
+            f"{origin}: unreadable images",
+            "replace or remove these files, or set data.on_bad_image: skip to leave them out",
+        )
+    statuses: list[str] = []
+    problems: list[str] = []
+    for where, path, shape, mask_path, box in zip(
+        table["where"], table["abs_path"], shapes, mask_paths, boxes, strict=True
+    ):
+        if isinstance(shape, str):
+            statuses.append(f"skipped: {shape}")
+            if where == path:  # class folders: the location is the path itself
+                logger.warning("skipping %s: %s", path, shape)
+            else:
+                logger.warning("skipping %s (%s): %s", path, where, shape)
+            continue
+        statuses.append("ok")
+        if input_size is not None:
+            factor = input_size / (max(shape) if resize == "pad" else min(shape))
+            if factor > UPSCALE_WARNING:
+                warnings.append(
+                    f"{where}: {shape[1]}x{shape[0]} px image is upscaled {factor:.1f}x to the "
+                    f"{input_size} px model input (more than {UPSCALE_WARNING:g}x: little detail left to "
+                    "explain); use larger images or a smaller models[].image_size"
+                )
+        problems += _annotation_problems(where, shape, mask_path, box)
+    _raise_if(problems, f"{origin}: masks or boxes do not fit their images", "see each line")
+    return statuses, warnings
+
+
+def _annotation_problems(
+    where: str, shape: tuple[int, int], mask_path: str | None, box: str | None
+) -> list[str]:
+    """What is wrong with one image's mask (unreadable, another size) and boxes (outside the image)."""
+    problems: list[str] = []
+    if mask_path is not None:
+        try:
+            mask_shape = read_mask(mask_path).shape
+        except ImageReadError as exc:
+            return [f"{where}: mask {mask_path} cannot be read ({exc})"]
+        if mask_shape != shape:
+            problems.append(
+                f"{where}: mask {mask_path} is {mask_shape[1]}x{mask_shape[0]} (WxH) but the image is "
+                f"{shape[1]}x{shape[0]}; masks must have the image's size (re-export the mask)"
+            )
+    if box is not None:
+        height, width = shape
+        for x0, y0, x1, y1 in json.loads(box):
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                problems.append(
+                    f"{where}: box [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image; "
+                    "boxes are pixel coordinates x0,y0,x1,y1 within the image"
+                )
+    return problems
+
+
+def _log_warnings(warnings: list[str], statuses: list[str]) -> None:
+    for line in warnings[:_MAX_LISTED]:
+        logger.warning("%s", line)
+    if len(warnings) > _MAX_LISTED:
+        logger.warning("... and %d more warnings like these", len(warnings) - _MAX_LISTED)
+    skipped = sum(s != "ok" for s in statuses)
+    if skipped:
+        logger.warning("%d of %d images skipped as unreadable (on_bad_image: skip)", skipped, len(statuses))
 
 
 def assign_splits(
