@@ -385,7 +385,8 @@ def test_class_folders_read_dicom_by_content_and_list_ignored_files(
 
 # --- 5. CSV boxes feed the localization metrics ------------------------------------------------------------
 def test_csv_boxes_give_box_iou_and_box_derived_masks(tmp_path: Path) -> None:
-    from evidrift.studies.drift.study import drift_settings, localization_table, write_localization
+    from evidrift.studies.drift.localization import localization_table, write_localization
+    from evidrift.studies.drift.study import drift_settings
 
     paths = RunPaths.at(tmp_path / "run")
     rows = []

@@ -21,6 +21,7 @@ from torch import nn
 import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import checkpoint, models
 from evidrift.classifier.config import HeadConfig, StageConfig
+from evidrift.classifier.evaluate import evaluate_study
 from evidrift.classifier.feeds import ImageFeed, TensorFeed
 from evidrift.classifier.freezing import freeze_backbone
 from evidrift.classifier.training import (
@@ -28,7 +29,6 @@ from evidrift.classifier.training import (
     StageFiles,
     Trainee,
     compute_loss,
-    evaluate_study,
     fit,
     improved,
     lr_at,

@@ -37,7 +37,8 @@ from evidrift.core.steps import Step
 from evidrift.studies.config import StudyConfig, dump_yaml, parse_config
 from evidrift.studies.drift.analysis import DriftSettings
 from evidrift.studies.drift.config import DEFAULT_EXPLAIN_METHODS
-from evidrift.studies.drift.study import drift_settings, write_localization
+from evidrift.studies.drift.localization import write_localization
+from evidrift.studies.drift.study import drift_settings
 
 if TYPE_CHECKING:
     from evidrift.classifier.checkpoint import CheckpointMeta
