@@ -1,9 +1,6 @@
-"""study.yaml as pydantic models (ARCHITECTURE §2).
-
-``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
-whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
-errors too (a typo must not be silently ignored). ``resolved_dict(config)`` is the canonical form written to
-``run/config.yaml`` and hashed."""
+"""The ``models:``, ``train:`` and ``stats:`` sections of a study file: architectures, heads, weights and CAM
+layers per model; the three training stages (``STAGE_DEFAULTS`` per stage, then the user's keys); the
+statistics settings. ``ClassifierStudy`` is what training and evaluation read of a study."""
 
 from __future__ import annotations
 

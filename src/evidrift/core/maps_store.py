@@ -1,16 +1,13 @@
-"""The run directory: its paths, atomic writes, the config hash, and the maps store (ARCHITECTURE §3).
+"""The maps store: CAM (and attention) maps of a run on disk (ARCHITECTURE §3).
 
-Every file a run writes goes through this module: a temporary file in the same folder, flushed and fsynced,
-then ``os.replace`` onto the final name, so a reader never sees a half-written file and a killed process
-leaves at worst a stray ``.tmp-*`` file that the next run ignores.
-
-Maps store: ``run/maps/{arch}/stage{s}/{method}.part{k:05d}.safetensors``; each shard holds one tensor
-``maps`` [n, h, w] float16 (≥ 0, each map divided by its own maximum, so in [0, 1]) and, in the safetensors
-metadata, ``ids`` (JSON list of image ids, one per map), ``scales`` (JSON list of each map's maximum before
-scaling: raw map = stored map × scale), ``layer``, ``arch``, ``stage``, ``method`` and any extra string
-fields. Scaling first keeps float16's 11 significant bits for every map: raw maps of ``score: softmax`` are
-~1e-6, float16 subnormals, where a map and its stored copy would disagree. Every metric is invariant to a
-positive scale. ``read_maps`` concatenates the shards in shard order."""
+``run/maps/{arch}/stage{s}/{method}.part{k:05d}.safetensors``; each shard holds one tensor ``maps``
+[n, h, w] float16 (≥ 0, each map divided by its own maximum, so in [0, 1]) and, in the safetensors metadata,
+``ids`` (JSON list of image ids, one per map), ``scales`` (JSON list of each map's maximum before scaling:
+raw map = stored map × scale), ``layer``, ``arch``, ``stage``, ``method`` and any extra string fields.
+Scaling first keeps float16's 11 significant bits for every map: raw maps of ``score: softmax`` are ~1e-6,
+float16 subnormals, where a map and its stored copy would disagree. Every metric is invariant to a positive
+scale. ``read_maps`` concatenates the shards in shard order.
+"""
 
 from __future__ import annotations
 

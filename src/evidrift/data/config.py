@@ -1,9 +1,5 @@
-"""study.yaml as pydantic models (ARCHITECTURE §2).
-
-``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
-whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
-errors too (a typo must not be silently ignored). ``resolved_dict(config)`` is the canonical form written to
-``run/config.yaml`` and hashed."""
+"""The ``data:`` section of a study file: where the images come from (phantom set, class folders, CSV),
+the splits, resizing, augmentation and what to do with unreadable images."""
 
 from __future__ import annotations
 

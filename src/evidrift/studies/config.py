@@ -1,9 +1,11 @@
-"""study.yaml as pydantic models (ARCHITECTURE §2).
+"""study.yaml: ``StudyConfig`` composes the sections of the classifier studies (data, models, train, explain,
+drift, stats, report, output, probe, sanity), each defined by its owner.
 
 ``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
 whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
 errors too (a typo must not be silently ignored). ``resolved_dict(config)`` is the canonical form written to
-``run/config.yaml`` and hashed."""
+``run/config.yaml`` and hashed.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""study.yaml as pydantic models (ARCHITECTURE §2).
-
-``load_config(path)`` reads and validates a study file; a validation error is raised as ``ConfigError``
-whose message names each wrong key by its dotted path, the value given and what is allowed. Unknown keys are
-errors too (a typo must not be silently ignored). ``resolved_dict(config)`` is the canonical form written to
-``run/config.yaml`` and hashed."""
+"""The ``sanity:`` section: the explanation sanity checks (parameter randomization, metric self-test)."""
 
 from __future__ import annotations
 
