@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401
+from builders import write_maps
 from evidrift.cli.app import app
 from evidrift.core.maps_store import write_maps_shard
 from evidrift.core.paths import RunPaths
@@ -17,6 +18,7 @@ METRICS = ["spearman", "ssim", "topk_iou@0.1", "centroid_shift", "js", "gini_cha
 
 
 def _write_run(root) -> RunPaths:
+    """Maps of 12 images at two stages for a stable and a drifty arch, a one-image all-zero method."""
     paths = RunPaths.at(root)
     g = torch.Generator().manual_seed(0)
     n = 12
@@ -26,32 +28,10 @@ def _write_run(root) -> RunPaths:
         for method in ("gradcam", "layercam"):
             s2 = (base + noise * torch.rand(n, 7, 7, generator=g)).clamp_min(0)
             # stage 1 in two shards; stage 2 in another order and missing one image (inner join)
-            write_maps_shard(
-                paths,
-                arch,
-                1,
-                method,
-                0,
-                base[:5],
-                ids[:5],
-                layer="features.norm5",
-                extra={"input_size": "32"},
-            )
-            write_maps_shard(
-                paths,
-                arch,
-                1,
-                method,
-                1,
-                base[5:],
-                ids[5:],
-                layer="features.norm5",
-                extra={"input_size": "32"},
-            )
+            extra = {"input_size": "32"}
+            write_maps(paths, arch, 1, method, base, ids, "features.norm5", split_at=(5,), extra=extra)
             order = list(reversed(range(1, n)))
-            write_maps_shard(
-                paths, arch, 2, method, 0, s2[order], [ids[i] for i in order], layer="features.norm5"
-            )
+            write_maps(paths, arch, 2, method, s2[order], [ids[i] for i in order], "features.norm5")
     zero = torch.zeros(1, 7, 7)
     write_maps_shard(
         paths, "stable", 1, "xgradcam", 0, zero, ["img00"], layer="l", extra={"input_size": "[32, 32]"}

@@ -14,16 +14,6 @@ import evidrift  # noqa: F401  (before timm)
 from evidrift.cam import CAMEngine, fuse, resolve_method
 from evidrift.cam.engine import channels_first, token_grid
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster (and immune to a loaded CI machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Hand-built net: conv 1×1 (1 → 2 channels, weights +1 / −1) → ReLU ("act", the target) → flatten → linear.
 X = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]]]])  # [1, 1, 2, 2]
 W_CLASS0 = [1.0, -1.0, 2.0, 0.5, 0.5, 1.0, -2.0, 1.0]  # G_0 = [[1, -1], [2, .5]], G_1 = [[.5, 1], [-2, 1]]

@@ -40,15 +40,6 @@ REFERENCE = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster (and immune to a loaded CI machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(arch: str) -> tuple[torch.nn.Module, str]:
     """Small members of the paper's families (same module types: BatchNormAct2d with in-place ReLU)."""
     torch.manual_seed(0)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 import evidrift  # noqa: F401
 from evidrift.cam import CAMEngine
 from evidrift.cam.perturbation import integrated_gradients, scorecam, smoothgrad
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def linear_model() -> nn.Sequential:

@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
-from evidrift.classifier.checkpoint import read_checkpoint_meta, save_checkpoint
+from builders import write_checkpoint
+from evidrift.classifier.checkpoint import read_checkpoint_meta
 from evidrift.classifier.config import HeadConfig
-from evidrift.classifier.models import build_model, default_cam_layers, get_head
+from evidrift.classifier.models import build_model, get_head
 from evidrift.cli.app import app
 from evidrift.data.phantom import CLASSES
 from evidrift.studies.compare.study import CompareError, check_compatible, check_gates
@@ -28,23 +29,7 @@ def _checkpoint(path: Path, seed: int, classes: list[str] | None = None, arch: s
     with torch.no_grad():  # trained-scale logits: spread the head so the CAM gradients are not tiny
         for parameter in get_head(model).parameters():
             parameter.mul_(20)
-    meta = {
-        "arch": arch,
-        "key": arch,
-        "head": HeadConfig().model_dump(mode="json"),
-        "classes": classes,
-        "stage": 2,
-        "epoch": 0,
-        "metrics": {},
-        "config_hash": f"test{seed}",
-        "image_size": 64,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "loss": "ce",
-        "weights": "none",
-        "cam_layers": default_cam_layers(model, arch),
-    }
-    return save_checkpoint(path, model, meta)
+    return write_checkpoint(path, model, arch, classes, config_hash=f"test{seed}")
 
 
 @pytest.fixture(scope="module")

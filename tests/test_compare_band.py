@@ -14,7 +14,6 @@ import copy
 import itertools
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
+from builders import write_checkpoint
 from evidrift.cam import CAMEngine
-from evidrift.classifier.checkpoint import save_checkpoint
 from evidrift.classifier.config import HeadConfig
 from evidrift.classifier.models import build_model, default_cam_layers
 from evidrift.cli.app import app
@@ -80,33 +79,10 @@ def _reinit_last_stage(model: nn.Module) -> nn.Module:
 
 
 def _save(model: nn.Module, path: Path, seed: int) -> Path:
-    meta = {
-        "arch": ARCH,
-        "key": ARCH,
-        "head": HeadConfig().model_dump(mode="json"),
-        "classes": list(CLASSES),
-        "stage": 2,
-        "epoch": EPOCHS,
-        "metrics": {},
-        "config_hash": f"recipe-seed{seed}",
-        "image_size": SIZE,
-        "mean": MEAN,
-        "std": STD,
-        "loss": "ce",
-        "weights": "none",
-        "cam_layers": default_cam_layers(model, ARCH),
-    }
-    return save_checkpoint(path, model, meta)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on 2 cores shared with other processes, 2 threads per process oversubscribe and
-    slow tiny convolutions down many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    tag = f"recipe-seed{seed}"
+    return write_checkpoint(
+        path, model, ARCH, CLASSES, epoch=EPOCHS, config_hash=tag, image_size=SIZE, mean=MEAN, std=STD
+    )
 
 
 @dataclass(frozen=True)

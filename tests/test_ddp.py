@@ -93,12 +93,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path: Path) -> Non
     )  # fmt: skip
 
     single = load_config(_study(tmp_path / "single", weights, batch_size=8))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_study(single, RunPaths.at(single.output.dir), stages=("1",), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    train_study(single, RunPaths.at(single.output.dir), stages=("1",), progress=False)  # one thread: conftest
 
     ddp_paths = RunPaths.at(tmp_path / "ddp" / "run")
     a = load_file(str(ddp_paths.checkpoint("test_resnet", 1)))

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import evidrift  # noqa: F401
+from builders import write_checkpoint, write_manifest
 from evidrift.cam import CAMEngine
-from evidrift.classifier.checkpoint import save_checkpoint
 from evidrift.classifier.config import HeadConfig
 from evidrift.classifier.models import build_model
 from evidrift.core.distributed import Context
@@ -25,14 +25,6 @@ from evidrift.studies.drift.explain import explain_run, select_samples
 
 CLASSES = ["a", "b", "c"]
 N_TEST = 9
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_run(root) -> tuple[object, RunPaths]:
@@ -66,22 +58,13 @@ def make_run(root) -> tuple[object, RunPaths]:
                 "status": "ok",
             }
         )
-    write_parquet_atomic(paths.manifest, pd.DataFrame(rows))
-    (paths.data_dir / "classes.json").write_text(json.dumps(CLASSES))
+    write_manifest(paths, rows, CLASSES)
     for stage in (1, 2):
         torch.manual_seed(stage)
         model = build_model("test_resnet", 3, HeadConfig())
-        meta = {
-            "arch": "test_resnet",
-            "head": HeadConfig().model_dump(),
-            "classes": CLASSES,
-            "stage": stage,
-            "image_size": 64,
-            "mean": [0.5] * 3,
-            "std": [0.25] * 3,
-            "loss": "ce",
-        }
-        save_checkpoint(paths.checkpoint("test_resnet", stage), model, meta)
+        checkpoint = paths.checkpoint("test_resnet", stage)
+        meta = {"stage": stage, "mean": [0.5] * 3, "std": [0.25] * 3, "cam_layers": ["layer3"]}
+        write_checkpoint(checkpoint, model, "test_resnet", CLASSES, **meta)
     labels = [i % 3 for i in range(N_TEST)]
     pred1 = [
         lab if i % 2 == 0 else (lab + 1) % 3 for i, lab in enumerate(labels)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.integration
 
 #: alias → (input side, ARCHITECTURE §4 default CAM layer)
 ARCHS = {"densenet201": (64, "features.norm5"), "resnet50v2": (64, "norm"), "inceptionv3": (80, "Mixed_7c")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_stage1_and_stage2_of_the_three_architectures(tmp_path: Path) -> None:

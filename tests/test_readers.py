@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEGLSLossless
 
+from builders import write_dicom
 from evidrift.data.readers import ImageReadError, read_image, read_mask
 
 GRADIENT8 = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
@@ -103,50 +104,22 @@ def test_read_mask_thresholds_at_half_the_maximum(tmp_path: Path) -> None:
 
 
 # --- DICOM --------------------------------------------------------------------------------------------------
-def _dicom(
-    path: Path,
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 12,
-    signed: bool = False,
-    **elements: object,
-) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 STORED = np.array([[0, 1000, 2000], [3000, 4000, 4095]], dtype=np.uint16)
 
 
 def test_dicom_monochrome2_16bit_is_min_max_stretched(tmp_path: Path) -> None:
-    image = read_image(_dicom(tmp_path / "a.dcm", STORED))
+    image = read_image(write_dicom(tmp_path / "a.dcm", STORED))
     np.testing.assert_allclose(image, STORED / 4095.0, atol=1e-6)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
-    image = read_image(_dicom(tmp_path / "m1.dcm", STORED, photometric="MONOCHROME1"))
+    image = read_image(write_dicom(tmp_path / "m1.dcm", STORED, photometric="MONOCHROME1"))
     np.testing.assert_allclose(image, 1.0 - STORED / 4095.0, atol=1e-6)
 
 
 def test_dicom_rescale_then_window(tmp_path: Path) -> None:
     slope, intercept, center, width = 2.0, -1024.0, 1000.0, 4001.0
-    path = _dicom(
+    path = write_dicom(
         tmp_path / "w.dcm",
         STORED,
         RescaleSlope=slope,
@@ -162,7 +135,7 @@ def test_dicom_rescale_then_window(tmp_path: Path) -> None:
 
 def test_dicom_rescale_without_window_and_no_extension(tmp_path: Path) -> None:
     signed = np.array([[-500, 0], [250, 1500]], dtype=np.int16)
-    path = _dicom(tmp_path / "scan", signed, signed=True, RescaleSlope=0.5, RescaleIntercept=100.0)
+    path = write_dicom(tmp_path / "scan", signed, signed=True, RescaleSlope=0.5, RescaleIntercept=100.0)
     np.testing.assert_allclose(read_image(path), (signed + 500) / 2000.0, atol=1e-6)  # DICM magic, no suffix
 
 
@@ -171,19 +144,19 @@ def test_dicom_voi_lut_sequence(tmp_path: Path) -> None:
     lut_item.LUTDescriptor = [4, 0, 8]  # 4 entries, first stored value 0, 8-bit output
     lut_item.LUTData = np.array([0, 100, 200, 255], dtype=np.uint16).tobytes()
     pixels = np.array([[0, 1], [2, 3]], dtype=np.uint16)
-    path = _dicom(tmp_path / "lut.dcm", pixels, VOILUTSequence=[lut_item])
+    path = write_dicom(tmp_path / "lut.dcm", pixels, VOILUTSequence=[lut_item])
     np.testing.assert_allclose(read_image(path), np.array([[0, 100], [200, 255]]) / 255.0, atol=1e-6)
 
 
 def test_dicom_multiframe_is_refused(tmp_path: Path) -> None:
     frames = np.stack([STORED, STORED])
-    path = _dicom(tmp_path / "mf.dcm", frames, NumberOfFrames=2)
+    path = write_dicom(tmp_path / "mf.dcm", frames, NumberOfFrames=2)
     with pytest.raises(ImageReadError, match=r"mf\.dcm: multi-frame DICOM \(2 frames\)"):
         read_image(path)
 
 
 def test_dicom_compressed_without_decoder_names_the_package(tmp_path: Path) -> None:
-    path = _dicom(tmp_path / "ls.dcm", STORED)
+    path = write_dicom(tmp_path / "ls.dcm", STORED)
     from pydicom import dcmread
 
     ds = dcmread(path)
@@ -197,7 +170,7 @@ def test_dicom_compressed_without_decoder_names_the_package(tmp_path: Path) -> N
 
 
 def test_truncated_dicom(tmp_path: Path) -> None:
-    path = _dicom(tmp_path / "t.dcm", np.zeros((64, 64), dtype=np.uint16))
+    path = write_dicom(tmp_path / "t.dcm", np.zeros((64, 64), dtype=np.uint16))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 4000])
     with pytest.raises(ImageReadError, match=r"t\.dcm: "):

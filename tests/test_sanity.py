@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
+from builders import write_checkpoint
 from evidrift.classifier import models
-from evidrift.classifier.checkpoint import save_checkpoint
 from evidrift.classifier.config import HeadConfig
 from evidrift.core.paths import RunPaths
 from evidrift.studies.sanity.study import (
@@ -132,15 +132,9 @@ def test_self_test_identical_checkpoints_give_zero_drift(
     tiny: tuple[nn.Module, torch.Tensor, torch.Tensor], tmp_path: Path
 ) -> None:
     model, images, targets = tiny
-    meta = {
-        "arch": "test_resnet",
-        "head": HeadConfig().model_dump(),
-        "classes": ["a", "b", "c"],
-        "stage": 1,
-        "image_size": 64,
-        "cam_layers": ["layer4"],
-    }
-    saved = save_checkpoint(tmp_path / "stage1.safetensors", model, meta)
+    saved = write_checkpoint(
+        tmp_path / "stage1.safetensors", model, "test_resnet", ["a", "b", "c"], stage=1, cam_layers=["layer4"]
+    )
     records = self_test(saved, images, targets, METHODS, tmp_path, seed=0, batch_size=4)
     assert {r["method"] for r in records} == set(METHODS)
     identical = [r for r in records if r["check"] == "identical checkpoints"]

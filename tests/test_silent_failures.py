@@ -25,12 +25,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import evidrift  # noqa: F401  (before timm)
+from builders import write_checkpoint, write_dicom, write_manifest, write_maps
 from evidrift.classifier.config import ModelConfig, StageConfig, TrainConfig
 from evidrift.cli.app import app
 from evidrift.core.config import ConfigError
 from evidrift.core.distributed import Context
-from evidrift.core.io import write_parquet_atomic, write_text_atomic
-from evidrift.core.maps_store import write_maps_shard
+from evidrift.core.io import write_text_atomic
 from evidrift.core.paths import RunPaths
 from evidrift.data.readers import read_image
 from evidrift.data.sources import ManifestError, load_manifest, prepare_data, scan_class_folders
@@ -337,23 +337,8 @@ def test_a_diverging_stage_stops_naming_epoch_loss_and_settings_keeping_the_last
 
 # --- 4. DICOM by content, ignored files listed --------------------------------------------------------------
 def _dicom_without_suffix(path: Path) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 8, 8, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(64, dtype=np.uint16) * 60).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    """An 8 x 8 DICOM, 12 of 16 bits stored (values 0-3780), at ``path`` (whatever its suffix)."""
+    return write_dicom(path, (np.arange(64, dtype=np.uint16) * 60).reshape(8, 8))
 
 
 def test_class_folders_read_dicom_by_content_and_list_ignored_files(
@@ -395,7 +380,7 @@ def test_csv_boxes_give_box_iou_and_box_derived_masks(tmp_path: Path) -> None:
         rows.append({"id": f"img{k}", "path": str(image), "label": "a", "label_idx": 0, "split": "test",
                      "patient_id": None, "mask_path": None, "status": "ok",
                      "bbox": json.dumps([[8, 8, 16, 16]]) if k < 2 else None})  # fmt: skip
-    write_parquet_atomic(paths.manifest, pd.DataFrame(rows))
+    write_manifest(paths, rows)
     config = parse_config({"models": [{"arch": "resnet18", "image_size": 32}], "drift": {"size": 32}})
     write_text_atomic(paths.config, yaml.safe_dump({"models": [{"arch": "resnet18", "image_size": 32}]}))
     inside = torch.zeros(3, 8, 8)
@@ -403,7 +388,7 @@ def test_csv_boxes_give_box_iou_and_box_derived_masks(tmp_path: Path) -> None:
     outside = torch.zeros(3, 8, 8)
     outside[:, 6, 6] = 1.0
     for stage, maps in ((1, inside), (2, outside)):
-        write_maps_shard(paths, "resnet18", stage, "gradcam", 0, maps, ["img0", "img1", "img2"], "layer4")
+        write_maps(paths, "resnet18", stage, "gradcam", maps, ["img0", "img1", "img2"], "layer4")
     table = localization_table(config, paths, drift_settings(config))
     assert table is not None
     assert set(table["id"]) == {"img0", "img1"} and table["box_derived"].all()
@@ -558,18 +543,13 @@ def test_compare_messages(tmp_path: Path) -> None:
 
 
 def test_compare_uses_csv_boxes_and_names_its_images_right(tiny_phantom_set: Path, tmp_path: Path) -> None:
-    from evidrift.classifier.checkpoint import save_checkpoint
     from evidrift.classifier.config import HeadConfig
-    from evidrift.classifier.models import build_model, default_cam_layers
+    from evidrift.classifier.models import build_model
     from evidrift.data.phantom import CLASSES
 
     torch.manual_seed(0)
     model = build_model("resnet18", len(CLASSES), HeadConfig(), "none").eval()
-    meta = {"arch": "resnet18", "key": "resnet18", "head": HeadConfig().model_dump(mode="json"),
-            "classes": list(CLASSES), "stage": 2, "epoch": 0, "metrics": {}, "config_hash": "t",
-            "image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "loss": "ce",
-            "weights": "none", "cam_layers": default_cam_layers(model, "resnet18")}  # fmt: skip
-    checkpoint = save_checkpoint(tmp_path / "a.safetensors", model, meta)
+    checkpoint = write_checkpoint(tmp_path / "a.safetensors", model, "resnet18", CLASSES, config_hash="t")
     phantoms = pd.read_csv(tiny_phantom_set)
     csv = tmp_path / "boxes.csv"  # boxes only (none on normal images), no mask column
     pd.DataFrame(

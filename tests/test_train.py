@@ -8,7 +8,6 @@ import math
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +39,6 @@ from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
 from evidrift.stats import classification_metrics
 from evidrift.studies.config import parse_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and the shared test machine has two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class BlobImages(torch.utils.data.Dataset):
