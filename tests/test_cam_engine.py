@@ -299,6 +299,7 @@ def test_call_without_context_manager_leaves_no_hooks():
     assert not any(m._forward_hooks for m in net.modules())
 
 
+@pytest.mark.slow  # 1,050 engine calls
 def test_memory_flat_over_1000_calls():
     torch.manual_seed(0)
     net = nn.Sequential(

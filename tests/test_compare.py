@@ -46,6 +46,7 @@ def _compare(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.slow  # `evidrift compare` end to end
 def test_identical_checkpoints_have_no_drift_and_pass_the_gates(
     checkpoints: dict[str, Path], tiny_phantom_set: Path, tmp_path: Path
 ) -> None:
@@ -80,6 +81,7 @@ def test_identical_checkpoints_have_no_drift_and_pass_the_gates(
     assert "A (a.safetensors)" in html
 
 
+@pytest.mark.slow  # `evidrift compare` end to end
 def test_different_checkpoints_fail_a_gate_with_exit_1_naming_metric_threshold_value(
     checkpoints: dict[str, Path], tiny_phantom_set: Path, tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ SEEDS = (0, 1, 2, 3, 4)
 METHODS = ("gradcam", "gradcam++")
 GATED = ("topk_iou@0.2", "spearman", "centroid_shift", "js")
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # every test needs the module's five trained models (~1.5 min on 2 cores)
 
 
 def _tensors(manifest: Path) -> tuple[torch.Tensor, torch.Tensor]:

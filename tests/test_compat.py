@@ -33,6 +33,7 @@ _PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, timm, torchvision
 def test_import_evidrift_then_timm_and_torchvision_in_a_fresh_process() -> None:
     result = subprocess.run(
         [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=240, check=False

@@ -27,6 +27,8 @@ from evidrift.core.io import read_jsonl
 from evidrift.core.paths import RunPaths
 from evidrift.studies.config import load_config
 
+pytestmark = pytest.mark.slow  # torchrun: two processes per run
+
 
 def _free_port() -> int:
     with socket.socket() as probe:

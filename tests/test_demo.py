@@ -19,6 +19,7 @@ from evidrift.studies.drift.presets import DEMO_LAYERS, DEMO_METHODS, demo_confi
 from evidrift.studies.drift.study import STEPS, step_hashes
 
 
+@pytest.mark.slow  # the whole demo
 @pytest.mark.integration
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"

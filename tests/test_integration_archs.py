@@ -17,7 +17,7 @@ from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
 from evidrift.studies.config import parse_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # builds and trains the three real architectures
 
 #: alias → (input side, ARCHITECTURE §4 default CAM layer)
 ARCHS = {"densenet201": (64, "features.norm5"), "resnet50v2": (64, "norm"), "inceptionv3": (80, "Mixed_7c")}

@@ -397,6 +397,7 @@ def test_probing_config_needs_exactly_one_source(tmp_path: Path) -> None:
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the probe study end to end
 def test_run_probe_end_to_end_on_tiny_phantoms(tmp_path: Path) -> None:
     from evidrift.studies.probe.report import probe_report_section, write_probe_figures
 

@@ -131,6 +131,7 @@ def test_equivalence_classes_union_find_over_architectures() -> None:
     assert R.class_label(classes, "m", "xgradcam") == "xgradcam"
 
 
+@pytest.mark.slow  # simulation: 200 studies
 def test_complete_null_rarely_gives_a_significant_reversal() -> None:
     """200 studies under a complete null (three equally stable architectures, n = 50, two coinciding method
     pairs): the share of studies with any significant reversal stays ≤ 0.05 + its binomial margin (one-sided
@@ -153,6 +154,7 @@ def test_complete_null_rarely_gives_a_significant_reversal() -> None:
     assert observed > 0  # reversals do occur under the null; they just are not significant
 
 
+@pytest.mark.slow  # simulation: 100 studies
 def test_planted_interaction_is_found() -> None:
     """x more stable than y by 0.1 under gradcam and less by 0.1 under gradcam++ (n = 50, the noise above):
     a significant reversal of that contrast in ≥ 80 % of 100 studies."""
@@ -172,6 +174,7 @@ def test_planted_interaction_is_found() -> None:
     assert hits / replicates >= 0.8, hits
 
 
+@pytest.mark.slow  # simulation: 40 studies x 200 permutations
 def test_permutation_null_matches_the_observed_count_under_the_null() -> None:
     """Under the complete null the observed count is a draw from what the permutation null describes: over 40
     studies it lies inside the null's [5 %, 95 %] interval in most of them, and the mean observed count is

@@ -542,6 +542,7 @@ def test_compare_messages(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "the value 'high' is not a number" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow  # `evidrift compare` end to end
 def test_compare_uses_csv_boxes_and_names_its_images_right(tiny_phantom_set: Path, tmp_path: Path) -> None:
     from evidrift.classifier.config import HeadConfig
     from evidrift.classifier.models import build_model

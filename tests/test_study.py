@@ -176,6 +176,7 @@ def _run_killed_when(cmd: list[str], ready: Callable[[], bool], timeout: float =
     return False
 
 
+@pytest.mark.slow  # SIGKILL twice, the real pipeline in subprocesses
 @pytest.mark.integration
 def test_kill_at_two_steps_and_resume_gives_the_same_drift_table(tmp_path: Path) -> None:
     reference, killed = tmp_path / "reference", tmp_path / "killed"

@@ -247,6 +247,7 @@ train_study(config, RunPaths.at(config.output.dir), progress=False, on_step=kill
 """
 
 
+@pytest.mark.slow  # SIGKILL in a subprocess, two tiny studies
 def test_study_killed_with_sigkill_resumes_to_identical_weights_and_evaluates(tmp_path: Path) -> None:
     reference_cfg = parse_config(_tiny_study_dict(tmp_path / "a"))
     reference = train_study(reference_cfg, RunPaths.at(tmp_path / "a"), progress=False)
