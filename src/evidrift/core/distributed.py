@@ -103,8 +103,13 @@ def epoch_batches(
     permutation, padded to a multiple of the world size, and takes its share). For training, a trailing batch
     of one sample is dropped (BatchNorm cannot train on it) unless it is the only batch.
     """
-    sampler = DistributedSampler(
-        range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=False
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(n),  # type: ignore[arg-type]  # torch types it Dataset, but the sampler only calls len() on it
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=False,
     )
     sampler.set_epoch(epoch)
     indices = list(sampler)

@@ -97,7 +97,10 @@ def read_maps(
             f"no maps for arch={arch!r} stage={stage} method={method!r} in {paths.maps_dir(arch, stage)}; "
             "run `evidrift explain study.yaml` first"
         )
-    parts, ids, scales, metadata = [], [], [], {}
+    parts: list[torch.Tensor] = []
+    ids: list[str] = []
+    scales: list[float] = []
+    metadata: dict[str, str] = {}
     for shard in shards:
         maps, shard_ids, metadata = read_maps_shard(shard)
         parts.append(maps)

@@ -134,7 +134,7 @@ def _sixteen_bit_max(file: Path) -> int | None:
         import tifffile
 
         with tifffile.TiffFile(file) as tif:
-            if tif.pages[0].dtype != np.uint16:  # type: ignore[union-attr]
+            if tif.pages[0].dtype != np.uint16:
                 return None
             data = tif.asarray()
         return int(data.max()) if data.size else None
@@ -193,9 +193,10 @@ def _read_pillow(file: Path) -> np.ndarray:
     try:
         with Image.open(file) as opened:
             opened.load()
-            image = opened
-            if getattr(image, "n_frames", 1) > 1:
-                raise ImageReadError(f"{file}: has {image.n_frames} frames; export a single frame")
+            image: Image.Image = opened
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise ImageReadError(f"{file}: has {frames} frames; export a single frame")
             mode = image.mode
             if mode == "P":
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")

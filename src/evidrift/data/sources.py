@@ -786,7 +786,7 @@ def _typed(column: pd.Series) -> pd.Series:
     cells = column.astype(str)
     if cells.isin(["True", "False", "true", "false"]).all():
         return cells.str.lower() == "true"
-    numeric = pd.to_numeric(cells.replace("", np.nan), errors="coerce")
+    numeric = pd.to_numeric(cells.where(cells != ""), errors="coerce")  # empty cells → NaN
     if numeric.notna().sum() == (cells != "").sum():
         return numeric
     return column
