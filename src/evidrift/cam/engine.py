@@ -175,7 +175,9 @@ class CAMEngine:
         )
         self.num_prefix_tokens = None if prefix is None else int(prefix)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        self.patch_size = tuple(int(p) for p in patch) if patch is not None else None
+        self.patch_size: tuple[int, int] | None = (
+            (int(patch[0]), int(patch[1])) if patch is not None else None
+        )
         self.prefer_nhwc = getattr(model, "output_fmt", None) in ("NHWC", "nhwc")
         self.chunk_size = int(chunk_size)
         self.ig_steps = int(ig_steps)
@@ -309,7 +311,7 @@ class CAMEngine:
         score: str,
         x_in: torch.Tensor | None,
         layer_grads: bool,
-    ) -> list[torch.Tensor | None]:
+    ) -> list[torch.Tensor]:
         """One autograd.grad call: G for every layer (when needed) then dx (when x_in is given)."""
         inputs = [self._acts[n] for n in self.layers] if layer_grads else []
         if x_in is not None:
@@ -329,12 +331,14 @@ class CAMEngine:
                     chosen, inputs, grad_outputs=grad_outputs, allow_unused=True, is_grads_batched=True
                 )
         names = [*(self.layers if layer_grads else []), *(["input"] if x_in is not None else [])]
+        checked: list[torch.Tensor] = []
         for name, g in zip(names, grads, strict=True):
             if g is None:
                 raise UsageError(
                     f"the target score does not depend on {name!r}; pick a layer the output depends on"
                 )
-        return [g.detach() for g in grads]
+            checked.append(g.detach())
+        return checked
 
     def _to_grid(self, t: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
         """A captured activation (or its gradient) as [B, K, h, w] float32."""

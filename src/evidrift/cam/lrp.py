@@ -17,6 +17,7 @@ input-space maps of ``evidrift.cam.methods``.
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +33,11 @@ def register_pass_module(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def _residual_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm BasicBlock / Bottleneck forward with the residual addition done by ``self.canonizer_sum``."""
+def _residual_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """timm BasicBlock / Bottleneck forward with the residual addition done by ``self.canonizer_sum``.
+
+    ``self`` is typed ``Any``: it is either block class, and ``canonizer_sum`` is attached by the canonizer.
+    """
     shortcut = x
     x = self.conv1(x)
     x = self.bn1(x)
@@ -83,7 +87,7 @@ def _inplace_off(model: nn.Module) -> list[nn.Module]:
     changed = []
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
-            module.inplace = False
+            module.inplace = False  # type: ignore[assignment]  # torch types Module.__setattr__ Tensor | Module
             changed.append(module)
     return changed
 
@@ -122,7 +126,7 @@ def lrp_relevance(
                 _, relevance = attributor(leaf, output_relevance)
     finally:
         for module in changed:
-            module.inplace = True
+            module.inplace = True  # type: ignore[assignment]  # torch types Module.__setattr__ Tensor | Module
         for module, training in flags:
             module.training = training
     return relevance.detach().float()

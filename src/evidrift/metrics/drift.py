@@ -40,7 +40,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -100,7 +100,7 @@ def _overlap_counts(a: AnalysisMaps, b: AnalysisMaps, k: float) -> tuple[Tensor,
         inter = (ma & mb).sum(dim=1, dtype=torch.float64)
         cached = (inter, ma.sum(dim=1, dtype=torch.float64), mb.sum(dim=1, dtype=torch.float64))
         a.cache[key] = cached
-    return cached
+    return cast(tuple[Tensor, Tensor, Tensor], cached)  # a.cache holds several kinds, keyed by their name
 
 
 def topk_iou(a: MapsLike, b: MapsLike, k: float = 0.1) -> Tensor:
@@ -154,7 +154,7 @@ def _moments(a: AnalysisMaps, b: AnalysisMaps) -> tuple[Tensor, Tensor, Tensor]:
         cross = (a.flat * b.flat).sum(dim=1, dtype=torch.float64)
         cached = (a.sum_squares, b.sum_squares, cross)
         a.cache[key] = cached
-    return cached
+    return cast(tuple[Tensor, Tensor, Tensor], cached)  # a.cache holds several kinds, keyed by their name
 
 
 def _correlation(sxy: Tensor, sxx: Tensor, syy: Tensor, mx: Tensor, my: Tensor, n: int) -> Tensor:

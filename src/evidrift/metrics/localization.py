@@ -47,7 +47,7 @@ def _prepare(maps: MapsLike, mask: Tensor, size: int | tuple[int, int] | None) -
     if mask.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got shape {tuple(mask.shape)}")
     if not isinstance(maps, AnalysisMaps):
-        maps = AnalysisMaps(maps, size if size is not None else tuple(mask.shape[-2:]))
+        maps = AnalysisMaps(maps, size if size is not None else (mask.shape[-2], mask.shape[-1]))
     if maps.n != mask.shape[0]:
         raise ValueError(f"{maps.n} maps for {mask.shape[0]} masks")
     m = mask.to(maps.device)
