@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -163,7 +164,7 @@ def contrasts(
     return out
 
 
-def _wilcoxon(d: np.ndarray, alternative: str) -> float:
+def _wilcoxon(d: np.ndarray, alternative: Literal["two-sided", "less", "greater"]) -> float:
     """Wilcoxon signed-rank p of ``d`` [n] (scipy, ``zero_method='wilcox'``); 1.0 when every d is 0."""
     if d.size == 0 or not np.any(d != 0):
         return 1.0
@@ -295,7 +296,7 @@ def equivalence_classes(agreement: pd.DataFrame) -> Representatives:
         flags = part["equivalent"].map(lambda v: v is True or v == 1 or str(v).strip().lower() == "true")
         for (ma, mb), pair in flags.groupby([first, second], sort=True):
             if bool(pair.all()):
-                ra, rb = _root(parent, ma), _root(parent, mb)
+                ra, rb = _root(parent, str(ma)), _root(parent, str(mb))
                 parent[max(ra, rb)] = min(ra, rb)
         out[str(layer)] = {m: _root(parent, m) for m in methods}
     return out

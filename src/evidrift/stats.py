@@ -154,7 +154,7 @@ def oriented(values: pd.Series | np.ndarray, metric: str) -> np.ndarray:
     return np.abs(values) if metric_direction(metric) == "zero" else values
 
 
-def holm(pvalues: Sequence[float]) -> np.ndarray:
+def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     """Holm step-down adjusted p-values (monotone, capped at 1); NaN inputs stay NaN."""
     p = np.asarray(pvalues, dtype=np.float64)
     out = np.full_like(p, np.nan)

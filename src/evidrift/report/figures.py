@@ -12,7 +12,9 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -25,12 +27,15 @@ from matplotlib.figure import Figure
 
 from evidrift.core.io import write_bytes_atomic
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 DPI = 100
 #: One colour per architecture, in the order the study lists them (colour-blind safe, Okabe-Ito).
 ARCH_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 STAGE_COLORS = ("#7a9cc6", "#d9822b")
 REVERSAL_COLOR = "#c0392b"
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "text.parse_math": False,
     "font.size": 9,
     "axes.titlesize": 9,
@@ -44,7 +49,7 @@ STYLE = {
 }
 
 
-def style() -> matplotlib.rc_context:
+def style() -> AbstractContextManager[None]:
     """The report's matplotlib style as a context manager (no global state is changed)."""
     return matplotlib.rc_context(STYLE)
 
@@ -146,7 +151,7 @@ def ranking_figure(
             part = rankings[rankings["metric"] == metric]
             pos = {m: i for i, m in enumerate(methods)}
             for arch in archs:
-                line = part[part["arch"] == arch].set_index("method")["rank"].reindex(methods)
+                line = part[part["arch"] == arch].set_index("method")["rank"].reindex(list(methods))
                 ax.plot(
                     range(len(methods)),
                     line.to_numpy(dtype=float),
@@ -214,8 +219,8 @@ def distribution_figure(
             for j, arch in enumerate(archs):
                 data, xs = [], []
                 for i, method in enumerate(methods):
-                    values = drift.loc[(drift["arch"] == arch) & (drift["method"] == method), metric]
-                    values = values.to_numpy(dtype=float)
+                    selected = (drift["arch"] == arch) & (drift["method"] == method)
+                    values = drift.loc[selected, metric].to_numpy(dtype=float)
                     values = values[np.isfinite(values)]
                     if len(values):
                         data.append(values)
@@ -277,11 +282,12 @@ def overlay_figure(
         for j in range(n):
             image = images[j]
             qa, qb = _minmax(maps_a[j]), _minmax(maps_b[j])
+            mask = masks[j]
             for i in range(4):
                 ax = axes[i, j]
                 ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
-                if i == 0 and masks[j] is not None and masks[j].any():
-                    ax.contour(masks[j].astype(float), levels=[0.5], colors=["#00e5ff"], linewidths=0.9)
+                if i == 0 and mask is not None and mask.any():
+                    ax.contour(mask.astype(float), levels=[0.5], colors=["#00e5ff"], linewidths=0.9)
                 elif i in (1, 2):
                     ax.imshow(
                         qa if i == 1 else qb, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear"
@@ -370,7 +376,7 @@ def localization_figure(
                         & (summary["stage"].astype(int) == stage)
                         & (summary["arch"] == arch)
                     ]
-                    part = part.set_index("method").reindex(methods)
+                    part = part.set_index("method").reindex(list(methods))
                     mean = part["mean"].to_numpy(dtype=float)
                     low = np.nan_to_num(np.clip(mean - part["ci_low"].to_numpy(dtype=float), 0, None))
                     high = np.nan_to_num(np.clip(part["ci_high"].to_numpy(dtype=float) - mean, 0, None))
