@@ -54,7 +54,10 @@ class ImageFeed:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         loader = DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.num_workers, pin_memory=self.pin_memory
+            self.dataset,
+            batch_sampler=[list(batch) for batch in batches],  # DataLoader's type wants lists of indices
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
         for item in loader:
             yield item["image"], torch.as_tensor(item["label"]).long()
