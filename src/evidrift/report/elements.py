@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def read_csv_or_none(path: Path) -> pd.DataFrame | None:
         return pd.DataFrame()
 
 
-def ordered(values: Sequence[Any], preferred: Sequence[str] | None = None) -> list[str]:
+def ordered(values: Iterable[Any], preferred: Sequence[str] | None = None) -> list[str]:
     """Unique strings of ``values``, ``preferred``'s order first, then first-seen order."""
     seen = list(dict.fromkeys(str(v) for v in values))
     if not preferred:

@@ -86,7 +86,7 @@ class DriftSettings:
         return cls(
             metrics=None if d.metrics == "all" else list(d.metrics),
             size=d.size,
-            zone_grid=tuple(d.zone_grid),
+            zone_grid=d.zone_grid,
             topk=tuple(d.topk),
             n_boot=s.n_boot,
             ci=s.ci,

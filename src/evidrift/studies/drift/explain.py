@@ -192,8 +192,8 @@ def explain_run(
     mine = list(range(ctx.rank, n_shards, ctx.world_size))
     todo = []
     for shard in mine:
-        shard_ids = ids[shard * cfg.shard_size : (shard + 1) * cfg.shard_size]
-        if not _shard_complete(paths, arch, stage, list(names.values()), shard, shard_ids, tag):
+        wanted = ids[shard * cfg.shard_size : (shard + 1) * cfg.shard_size]
+        if not _shard_complete(paths, arch, stage, list(names.values()), shard, wanted, tag):
             todo.append(shard)
     n_mine = sum(len(ids[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in mine)
     n_todo = sum(len(ids[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in todo)

@@ -125,10 +125,10 @@ def dataset_section(paths: RunPaths) -> Section:
         shown = ", ".join(ignored[:12]) + (", ..." if len(ignored) > 12 else "")
         section.notes.append(f"{len(ignored)} files ignored (neither images nor DICOM): {shown}")
     if len(skipped):
-        shown = skipped.head(50)
+        first = skipped.head(50)
         rows = [
             [Cell(str(r["id"])), Cell(str(r["status"]).removeprefix("skipped: "))]
-            for _, r in shown.iterrows()
+            for _, r in first.iterrows()
         ]
         caption = "skipped files (on_bad_image: skip)" + (
             f", first 50 of {len(skipped)}" if len(skipped) > 50 else ""
@@ -224,8 +224,7 @@ def drift_summary_section(
                 cells = [Cell(arch), Cell(method, "text"), Cell(str(n_images.get((arch, method), "")))]
                 for metric in columns:
                     if (arch, method, metric) in indexed.index:
-                        r = indexed.loc[(arch, method, metric)]
-                        r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+                        r = indexed.loc[[(arch, method, metric)]].iloc[0]  # the first row of that key
                         cells.append(Cell(fmt_ci(r["mean"], r[low], r[high])))
                     else:
                         cells.append(Cell("—"))
@@ -488,7 +487,7 @@ def overview_section(
             rows = summary[(summary["arch"] == arch) & (summary["metric"] == metric)].dropna(subset=["mean"])
             if rows.empty:
                 continue
-            lo, hi = rows.loc[rows["mean"].idxmin()], rows.loc[rows["mean"].idxmax()]
+            lo, hi = rows.iloc[rows["mean"].argmin()], rows.iloc[rows["mean"].argmax()]
             if len(rows) == 1:
                 parts.append(f"{metric} {fmt_ci(lo['mean'], lo[low], lo[high], 2)} under {lo['method']};")
             else:
@@ -620,7 +619,7 @@ def build_report(
         overlay_section(
             paths, drift, archs, methods, config.report.examples, config.data.resize, stage_labels, draw
         ),
-        zone_section(paths, drift, archs, methods, tuple(config.drift.zone_grid), stage_labels, draw),
+        zone_section(paths, drift, archs, methods, config.drift.zone_grid, stage_labels, draw),
         localization_section(paths, archs, methods, stage_map, draw),
         degenerate_section(paths, drift, archs, methods, stage_labels),
     ]
