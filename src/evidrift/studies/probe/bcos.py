@@ -47,6 +47,8 @@ class UncenteredBatchNorm2d(nn.Module):
     x / sqrt(var + eps) · weight per channel, var = the batch's population variance over (N, h, w) in training
     (running average kept, momentum 0.1), the running one in eval. Linear in x in eval mode."""
 
+    running_var: torch.Tensor  # a buffer [K]
+
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))

@@ -46,6 +46,8 @@ class ChannelScale(nn.Module):
     """x [N, K, h, w] → x / scale[k] per channel (a fixed buffer; ones = identity). LRP passes relevance
     through it unchanged (a fixed rescaling redistributes nothing)."""
 
+    scale: torch.Tensor  # a buffer [K]
+
     def __init__(self, scale: torch.Tensor) -> None:
         super().__init__()
         if scale.ndim != 1 or not bool((scale > 0).all()):
@@ -129,5 +131,6 @@ class ProbeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone is not None:
-            x = self.backbone.forward_features(x)
+            # timm.create_model is typed nn.Module; forward_features is a method of every timm model class
+            x = self.backbone.forward_features(x)  # type: ignore[operator]
         return self.head(self.features(x))
