@@ -638,7 +638,7 @@ def train_stage(
             model, size, f"train.stage{stage}.image_size / image_scale or models[{model_cfg.key}].image_size"
         )
         if ctx.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit memory_format
         freezing = NOTHING_FROZEN
         if stage == "1":
             freezing = freeze_backbone(model)
@@ -689,6 +689,7 @@ def train_stage(
                 extra["standardized_features"] = standardize_head(model, features)
             head_module = models.get_head(model)
             trainable = _ddp(head_module, ctx)
+            forward_train: Callable[[torch.Tensor], torch.Tensor]
             if cached:
                 forward_train, forward_eval = trainable, head_module
             else:

@@ -467,6 +467,6 @@ def _gate(
         verdicts = all_verdicts(summary, drift, band_drift, spec, band_kind, methods, s.n_boot, s.ci, s.seed)
         band_first = [v for v in verdicts if v.gate == "fail-beyond-band"] + verdicts
         gated = list(dict.fromkeys(v.metric for v in band_first))
-    where = write_where(paths, drift, band_drift, gated, tuple(config.drift.zone_grid), k)
+    where = write_where(paths, drift, band_drift, gated, config.drift.zone_grid, k)
     write_json_atomic(paths.gate_dir / "verdicts.json", verdicts_document(verdicts, context))
     return verdicts, where

@@ -307,7 +307,7 @@ def cache_split(
     acts, labels, ids, images, masks = [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for item in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        acts.append(backbone.forward_features(item["image"].to(device)).float().cpu())
+        acts.append(backbone.forward_features(item["image"].to(device)).float().cpu())  # type: ignore[operator]  # timm API
         labels.append(torch.as_tensor(item["label"]).long())
         if keep_images:
             images.append(item["image"].float())
@@ -332,7 +332,7 @@ def backbone_outputs(
     """``forward_features`` of images [N, 3, H, W] in batches: [N, K, h, w] float32 on CPU."""
     return torch.cat(
         [
-            backbone.forward_features(images[i : i + batch_size].to(device)).float().cpu()
+            backbone.forward_features(images[i : i + batch_size].to(device)).float().cpu()  # type: ignore[operator]  # timm API
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -416,6 +416,7 @@ def trained_head(
     built (seeded by ``probe.seed``: every variant starts from the same RNG state), trained
     (``train_head``) and saved atomically."""
     torch.manual_seed(probe.seed)
+    head: nn.Module  # train_head hands it back as an nn.Module
     head = build_probe_head(variant.head, train.activations.shape[1], num_classes, probe.hidden, scale)
     final = work_dir / "head.safetensors"
     if final.is_file():

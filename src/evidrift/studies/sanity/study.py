@@ -221,7 +221,7 @@ def explain_model(
     (one forward + backward per batch for every method; a second one on ``NegatedScore`` when ``signed``)."""
     from evidrift.cam import CAMEngine, upsample
 
-    size = tuple(images.shape[-2:])
+    size = (images.shape[-2], images.shape[-1])
     device = next(model.parameters()).device
 
     def run(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
