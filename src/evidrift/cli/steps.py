@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -186,7 +186,7 @@ def drift(
     if not run_dir.is_dir():
         raise fail(f"run directory {run_dir} does not exist")
     settings = settings_from_config(run_dir)
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if metrics:
         overrides["metrics"] = [resolve_metric(m)[0] for m in metrics]
     if size is not None:

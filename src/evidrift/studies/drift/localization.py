@@ -56,7 +56,7 @@ def _ground_truth_at(frame: pd.DataFrame, size: int, resize: str) -> dict[str, G
         box_text = getattr(row, "bbox", None)
         boxes = None
         if isinstance(box_text, str) and box_text:
-            height, width = image_size(row.path)
+            height, width = image_size(str(row.path))
             boxes = at_size(boxes_to_mask([json.loads(box_text)], (height, width))[0])
         if isinstance(mask_path, str) and mask_path:
             mask, derived = at_size(read_mask(mask_path)), False
@@ -150,7 +150,7 @@ def write_localization(config: StudyConfig, paths: RunPaths, settings: DriftSett
     metrics = [*LOCALIZATION_METRICS, *([BOX_METRIC] if table[BOX_METRIC].notna().any() else [])]
     for stage, group in table.groupby("stage", sort=True):
         summary = stats.summarize(group, metrics, n_boot=settings.n_boot, ci=settings.ci, seed=settings.seed)
-        summary.insert(2, "stage", int(stage))
+        summary.insert(2, "stage", int(stage))  # type: ignore[arg-type]  # pandas-stubs: key is any scalar
         derived = group.groupby(["arch", "method"])["box_derived"].sum()
         pairs = zip(summary["arch"], summary["method"], strict=True)
         summary["box_derived"] = [int(derived[(arch, method)]) for arch, method in pairs]
