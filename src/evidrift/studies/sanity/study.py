@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from evidrift import stats
 from evidrift.classifier import models
-from evidrift.classifier.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
+from evidrift.classifier.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, sidecar_path
 from evidrift.classifier.config import ModelConfig
 from evidrift.core.distributed import Context
 from evidrift.core.errors import DataError, UsageError
@@ -411,7 +411,7 @@ def sanity_checkpoint(
 
 
 def sample_test_images(
-    config: StudyConfig, paths: RunPaths, meta: dict[str, object], n_images: int, seed: int
+    config: StudyConfig, paths: RunPaths, meta: CheckpointMeta, n_images: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``n_images`` test images drawn at random (seeded), preprocessed as the checkpoint expects:
     (images [n, 3, S, S] float32, labels [n] int64, ids)."""
