@@ -23,7 +23,7 @@ from torch import nn
 
 import evidrift
 from evidrift.classifier.config import HeadConfig
-from evidrift.classifier.models import WeightsError, build_model, head_name, unwrap
+from evidrift.classifier.models import WeightsError, build_model, head_name, timm_api, unwrap
 from evidrift.core.errors import MissingInputError
 from evidrift.core.io import save_safetensors_atomic, write_json_atomic
 
@@ -100,9 +100,9 @@ def save_checkpoint(
     given = meta if isinstance(meta, CheckpointMeta) else CheckpointMeta.model_validate(dict(meta))
     full = given.model_copy(
         update={
-            "timm_name": str(net.pretrained_cfg.get("architecture") or given.timm_name),
+            "timm_name": str(timm_api(net).pretrained_cfg.get("architecture") or given.timm_name),
             "head_name": head_name(net),
-            "num_classes": int(net.num_classes),
+            "num_classes": int(timm_api(net).num_classes),
             "versions": versions(),
         }
     )

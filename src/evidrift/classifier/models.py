@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -207,7 +207,7 @@ def fold_standardization(wrapped: StandardizedHead) -> nn.Module:
 def head_name(model: nn.Module) -> str:
     """Dotted path of the classifier (our head) inside a timm model, e.g. ``classifier`` or ``head.fc``."""
     model = unwrap(model)
-    classifier = model.get_classifier()
+    classifier = timm_api(model).get_classifier()
     for name, module in model.named_modules():
         if module is classifier and name:
             return name
@@ -219,6 +219,24 @@ def get_head(model: nn.Module) -> nn.Module:
     return unwrap(model).get_submodule(head_name(model))
 
 
+class TimmModel(Protocol):
+    """The part of timm's model API that evidrift calls (``timm.create_model`` is typed ``nn.Module``)."""
+
+    num_features: int
+    num_classes: int
+    pretrained_cfg: dict[str, Any]
+
+    def get_classifier(self) -> nn.Module: ...
+    def reset_classifier(self, num_classes: int) -> None: ...
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+def timm_api(model: nn.Module) -> TimmModel:
+    """``model`` (unwrapped from DDP/DataParallel) typed as the timm model it is: the same object."""
+    return cast(TimmModel, unwrap(model))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel/DataParallel wrapper (the model itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) else model
@@ -226,14 +244,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Backbone features after global pooling: x [B, 3, H, W] → [B, F] float (the head's input)."""
-    model = unwrap(model)
-    return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+    net = timm_api(model)
+    return net.forward_head(net.forward_features(x), pre_logits=True).flatten(1)
 
 
 def num_pooled_features(model: nn.Module) -> int:
     """F, the width of ``pooled_features``."""
     model = unwrap(model)
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return int(getattr(model, "head_hidden_size", None) or timm_api(model).num_features)
 
 
 # --- building and weights -----------------------------------------------------------------------------------
@@ -258,10 +276,10 @@ def build_model(
         model = _create_imagenet(timm_name, in_chans)
     else:
         model = timm.create_model(timm_name, pretrained=False, in_chans=in_chans)
-    model.reset_classifier(0)
+    timm_api(model).reset_classifier(0)
     name = head_name(model)
     model.set_submodule(name, build_head(num_pooled_features(model), num_classes, head))
-    model.num_classes = num_classes
+    timm_api(model).num_classes = num_classes
     if weights not in ("none", "imagenet"):
         load_backbone_weights(model, weights)
     return model
@@ -393,7 +411,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Non
     """
     model = unwrap(model)
     prefix = head_name(model) + "."
-    timm_classifier = (model.pretrained_cfg or {}).get("classifier") or ""
+    timm_classifier = (timm_api(model).pretrained_cfg or {}).get("classifier") or ""
     drop = tuple(p for p in {prefix, f"{timm_classifier}."} if p != ".")
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(drop)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
@@ -416,7 +434,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Non
     if problems:
         raise WeightsError(
             f"weights file {path} does not fit {type(model).__name__} "
-            f"({model.pretrained_cfg.get('architecture', '?')}): {'; '.join(problems)}. "
+            f"({timm_api(model).pretrained_cfg.get('architecture', '?')}): {'; '.join(problems)}. "
             "Check that the file was saved from the same architecture (classifier keys are ignored)."
         )
     result = model.load_state_dict(state, strict=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -117,7 +117,8 @@ def sanity(
         table = Table(title=f"{mode}: similarity to the original maps after the last step (mean)")
         for column in ("arch", "method", *(short[m] for m in wide.columns)):
             table.add_column(column)
-        for (arch, method), values in wide.iterrows():
+        for key, values in wide.iterrows():
+            arch, method = cast(tuple[str, str], key)  # the (arch, method) index of the pivot
             table.add_row(str(arch), str(method), *(f"{v:.3f}" for v in values))
         console.print(table)
     console.print(f"CIs and every step: {paths.root / 'sanity_summary.csv'}", highlight=False)

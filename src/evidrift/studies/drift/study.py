@@ -417,7 +417,8 @@ def run_study(
     """
     paths = paths or RunPaths.at(config.output.dir)
     ctx = ctx or distributed.setup(config.train.device)
-    declared = tuple(replace(s, run=runners[s.name]) if s.name in (runners or {}) else s for s in DRIFT_STEPS)
+    swap = runners or {}
+    declared = tuple(replace(s, run=swap[s.name]) if s.name in swap else s for s in DRIFT_STEPS)
     say = echo if (echo is not None and ctx.is_main) else (lambda _line: None)
     steps.check_until(declared, until)
     redo = {s.name for name in force for s in steps.steps_from(declared, name)}

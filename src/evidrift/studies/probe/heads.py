@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from evidrift.cam.lrp import register_pass_module
+from evidrift.classifier.models import timm_api
 from evidrift.core.errors import UsageError
 from evidrift.studies.probe import bcos
 
@@ -131,6 +132,5 @@ class ProbeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone is not None:
-            # timm.create_model is typed nn.Module; forward_features is a method of every timm model class
-            x = self.backbone.forward_features(x)  # type: ignore[operator]
+            x = timm_api(self.backbone).forward_features(x)
         return self.head(self.features(x))

@@ -46,6 +46,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,8 @@ def reference_layer(backbone: nn.Module, arch: str) -> str:
         if stage not in names:
             continue
         blocks = names[stage]
-        container = getattr(blocks, "blocks", blocks)
+        inner = getattr(blocks, "blocks", None)
+        container = inner if isinstance(inner, nn.Module) else blocks
         prefix = f"{stage}.blocks" if container is not blocks else stage
         last = len(list(container.children())) - 1
         for conv in ("conv3", "conv2"):
@@ -307,7 +309,7 @@ def cache_split(
     acts, labels, ids, images, masks = [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for item in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        acts.append(backbone.forward_features(item["image"].to(device)).float().cpu())  # type: ignore[operator]  # timm API
+        acts.append(models.timm_api(backbone).forward_features(item["image"].to(device)).float().cpu())
         labels.append(torch.as_tensor(item["label"]).long())
         if keep_images:
             images.append(item["image"].float())
@@ -332,7 +334,7 @@ def backbone_outputs(
     """``forward_features`` of images [N, 3, H, W] in batches: [N, K, h, w] float32 on CPU."""
     return torch.cat(
         [
-            backbone.forward_features(images[i : i + batch_size].to(device)).float().cpu()  # type: ignore[operator]  # timm API
+            models.timm_api(backbone).forward_features(images[i : i + batch_size].to(device)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -732,6 +734,10 @@ def _model_pool(paths: RunPaths, key: str) -> Path:
     return paths.probe_work / key / "pool.csv"
 
 
+def _model_outputs(config: StudyConfig, paths: RunPaths, key: str) -> list[Path]:
+    return [_model_table(paths, key), _model_pool(paths, key)]
+
+
 def _probe_model_inputs(config: StudyConfig, model_cfg: ModelConfig) -> dict[str, Any]:
     """What one model's probe depends on besides ``probe``: its backbone (the stages it comes from)."""
     return {
@@ -775,8 +781,8 @@ def probe_steps(config: StudyConfig, progress: bool = True) -> tuple[Step[StudyC
             run_model(m),
             reads=("probe-data",),
             config=("probe", "seed", "train.deterministic"),
-            inputs=lambda c, m=m: _probe_model_inputs(c, m),
-            outputs=lambda c, p, m=m: [_model_table(p, m.key), _model_pool(p, m.key)],
+            inputs=partial(_probe_model_inputs, model_cfg=m),
+            outputs=partial(_model_outputs, key=m.key),
         )
         for m in config.models
     ]

@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -506,13 +507,16 @@ def sanity_steps(config: StudyConfig, progress: bool = True) -> tuple[Step[Study
         stages = {s: stage_hash(config, model_cfg, s) for s in ("0", "1", "2")}
         return {"model": model_cfg.model_dump(mode="json"), "stages": stages}
 
+    def model_outputs(config: StudyConfig, paths: RunPaths, key: str) -> list[Path]:
+        return [_model_curves(paths, key), _model_checks(paths, key)]
+
     model_steps = [
         Step(
             f"sanity-{m.key}",
             run_model(m),
             config=("sanity", "explain.batch_size", "data"),
-            inputs=lambda c, m=m: model_inputs(c, m),
-            outputs=lambda c, p, m=m: [_model_curves(p, m.key), _model_checks(p, m.key)],
+            inputs=partial(model_inputs, model_cfg=m),
+            outputs=partial(model_outputs, key=m.key),
         )
         for m in config.models
     ]
