@@ -378,6 +378,13 @@ def distribution_section(
     return section
 
 
+def uniform_baselines(summary: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """{("energy_pointing_game", arch): mean mask_fraction of the arch's explained images} from a
+    localization summary (mean over its methods and stages, which explain the same images or nearly)."""
+    rows = summary[summary["metric"] == "mask_fraction"]
+    return {("energy_pointing_game", str(a)): float(g["mean"].mean()) for a, g in rows.groupby("arch")}
+
+
 def localization_section(
     paths: RunPaths,
     archs: list[str],
@@ -425,9 +432,17 @@ def localization_section(
                         cells.append(Cell("—"))
                 rows.append(cells)
     shown = [m for m in metrics if m in LOCALIZATION_METRICS[:3]] or metrics[:3]
+    baselines = uniform_baselines(summary)
+    if baselines:
+        section.notes.append(
+            "Uniform-map baseline of the energy pointing game (the mean lesion-mask share of the image, the "
+            "dashed line in the figure): "
+            + ", ".join(f"{arch} {value:.3f}" for (_, arch), value in sorted(baselines.items()))
+            + ". A map that looks at the lesions scores well above it."
+        )
     section.figures.append(
         draw(
-            F.localization_figure(summary, shown, methods, archs, stage_labels),
+            F.localization_figure(summary, shown, methods, archs, stage_labels, baselines),
             "localization",
             "Localization",
         )
