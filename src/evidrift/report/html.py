@@ -188,6 +188,7 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
     for m in ("accuracy", "macro_f1", "macro_auroc"):  # CI columns: m_lo/m_hi or m_ci_low/m_ci_high
         table = table.rename(columns={f"{m}_ci_low": f"{m}_lo", f"{m}_ci_high": f"{m}_hi"})
     rows = []
+    moved = "weight_change_backbone" in table.columns
     for _, r in table.iterrows():
         rows.append(
             [
@@ -198,11 +199,22 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
                     Cell(fmt_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]))
                     for m in ("accuracy", "macro_f1", "macro_auroc")
                 ],
+                *(
+                    [Cell(fmt(r["weight_change_backbone"], 4)), Cell(fmt(r["weight_change_head"], 4))]
+                    if moved
+                    else []
+                ),
             ]
         )
-    section.intro = "Test split; mean [95% percentile-bootstrap CI over images]."
+    section.intro = "Test split; mean [95% percentile-bootstrap CI over images]." + (
+        " Δθ: how far the stage moved the weights, ‖θ_end − θ_start‖ / ‖θ_start‖ of the backbone and of the "
+        "head (stage 1 trains the head only; stage 2 starts from stage 1's checkpoint)."
+        if moved
+        else ""
+    )
+    columns = ["architecture", "stage", "n", "accuracy", "macro-F1", "macro AUROC"]
     section.tables.append(
-        Table(["architecture", "stage", "n", "accuracy", "macro-F1", "macro AUROC"], rows, numeric_from=2)
+        Table([*columns, *(["Δθ backbone", "Δθ head"] if moved else [])], rows, numeric_from=2)
     )
     section.figures.append(
         draw(F.classification_figure(table, stage_labels), "classification", "Classification")
