@@ -3,12 +3,13 @@
 ``demo_config(quick=False)``: densenet201, resnet50v2 and inceptionv3 trained from scratch on the phantom
 ``source`` task (stage 0), then transfer (stage 1, frozen backbone, cached features) and fine-tuning (stage 2)
 on phantom chest X-rays; four gradient CAMs at two layers (``DEMO_LAYERS``); every drift metric;
-statistics; the report. Sized for ≤ 10
-minutes and ≤ 4 GB on 2 CPU cores from the measured CPU throughput (batch 8, 2 threads, images/s forward /
-train step at 128 px: resnetv2_50 105/30, densenet201 74/22, inception_v3 132/45): small inputs, a few
-hundred images, stage 0 at half resolution and a few epochs per stage. The numbers are a budget, not a
-benchmark: results are far from what ImageNet weights and thousands of radiographs would give, but every step
-and artifact is the real one.
+statistics; the report. Sized for <= 10 minutes and <= 4 GB on 2 CPU cores by CPU time, with bf16
+autocast where the CPU has it (``train.precision: auto``): small inputs (4 x 4 last-stage maps), 600
+phantoms, stage 0 at half resolution. The numbers are a budget, not a benchmark: results are far from what
+ImageNet weights and thousands of radiographs would give, but every step and artifact is the real one.
+
+``demo_config(full=True)``: the same study at the paper's sizes (224 / 299 px, thousands of phantoms), for
+a GPU (``evidrift demo --full`` prints its estimated CPU time first).
 
 ``demo_config(quick=True)``: one small architecture (resnet18) at 64 px on a tiny set, one or two epochs per
 stage, every image of the test split explained — the whole pipeline in well under 2 minutes (what the tests
