@@ -358,9 +358,9 @@ def fit(
     (the frozen backbone never changes). Returns the final counters. ``on_step(label, step)`` is called
     after every optimizer step. Raises ``TrainingDivergedError`` (see ``divergence``; ``start_losses``: the
     losses of the checkpoint the stage starts from) with the last good epoch's files kept. ``precision``:
-    how the steps and the validation compute (default: ``train.precision: auto`` on ``ctx.device``); only
+    how the steps and the validation compute (default: ``default_precision``); only
     full batches train (a trailing partial batch is dropped: a new batch shape re-plans the kernels)."""
-    precision = precision or resolve_precision("auto", ctx.device)
+    precision = precision or default_precision(ctx.device)
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     state = load_resume_state(files.last, trainable, optimizer, tag) or TrainState()
@@ -464,7 +464,7 @@ def validate(
     precision: Precision | None = None,
 ) -> dict[str, Any]:
     """val_loss, val_accuracy, val_macro_f1, val_auroc (per class), val_macro_auroc over ``val_feed`` (NaN
-    figures when it is empty), computed with ``precision`` (default: ``auto`` on ``ctx.device``)."""
+    figures when it is empty), computed with ``precision`` (default: ``default_precision``)."""
     if len(val_feed) == 0:
         nan = float("nan")
         return {
@@ -476,7 +476,7 @@ def validate(
         }
     was_training = model.training
     model.eval()
-    precision = precision or resolve_precision("auto", ctx.device)
+    precision = precision or default_precision(ctx.device)
     labels, logits = predict_logits(
         forward_eval, val_feed, ctx, cfg.batch_size, autocast=precision.bf16, channels_last=precision.bf16
     )
@@ -693,6 +693,12 @@ def train_stage(
             _finalize(model, trainable, files, state, tag, stage, model_cfg, loss, head, meta, start_params)
         distributed.barrier(ctx)
     return files.final
+
+
+def default_precision(device: torch.device) -> Precision:
+    """The precision of a ``fit`` / ``validate`` call that names none: bf16 autocast on CUDA, fp32 elsewhere
+    (what they did before ``train.precision``; a study's stages pass the configured one)."""
+    return resolve_precision("bf16" if device.type == "cuda" else "fp32", device)
 
 
 def full_batches(batches: list[list[int]], batch_size: int) -> list[list[int]]:
