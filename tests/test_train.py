@@ -328,6 +328,7 @@ def test_stage1_standardized_head_is_folded_into_a_plain_checkpoint(
     raw["models"][0]["head"] = head
     raw["train"]["stage0"]["image_scale"] = 0.75  # pretrains at 24 px
     raw["train"]["stage1"]["cache_features"] = cached
+    raw["train"]["precision"] = "fp32"  # the logged val figures are re-computed in fp32 below
     config = parse_config(raw)
     paths = RunPaths.at(tmp_path)
     train_study(config, paths, stages=("0", "1"), progress=False)

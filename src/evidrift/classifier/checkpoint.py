@@ -70,6 +70,8 @@ class CheckpointMeta(BaseModel):
     stage: int | None = None
     epoch: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    #: How far the stage moved the weights: ‖θ_end − θ_start‖ / ‖θ_start‖ of "backbone" and "head".
+    weight_change: dict[str, float] = Field(default_factory=dict)
     config_hash: str | None = None
     weights: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)

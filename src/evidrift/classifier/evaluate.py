@@ -117,7 +117,16 @@ def evaluate_study(
             table["label"] = labels.astype(np.int64)
             table[f"pred_stage{stage}"] = probs.argmax(axis=1).astype(np.int64)
             table[f"prob_stage{stage}"] = [row.astype(np.float64).tolist() for row in probs]
-            rows.append({"arch": model_cfg.key, "stage": int(stage), **summarize(labels, probs, config)})
+            moved = meta.weight_change
+            rows.append(
+                {
+                    "arch": model_cfg.key,
+                    "stage": int(stage),
+                    **summarize(labels, probs, config),
+                    "weight_change_backbone": float(moved.get("backbone", float("nan"))),
+                    "weight_change_head": float(moved.get("head", float("nan"))),
+                }
+            )
         changes.append({"arch": model_cfg.key, **accuracy_change(table)})
         if ctx.is_main:
             columns = ["id", "label", "pred_stage1", "pred_stage2", "prob_stage1", "prob_stage2"]
@@ -127,14 +136,18 @@ def evaluate_study(
         summary = _write_per_arch_csv(paths.classification, summary, arch)
         change_table = _write_per_arch_csv(paths.accuracy_change, pd.DataFrame(changes), arch)
         rich_table = Table(title=f"{title} ({len(test)} images, 95% bootstrap CI)")
-        for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC"):
+        for column in ("arch", "stage", "accuracy", "macro-F1", "macro AUROC", "Δθ backbone", "Δθ head"):
             rich_table.add_column(column, justify="left" if column == "arch" else "right")
         for _, row in summary.iterrows():
             cells = [
                 f"{row[m]:.3f} [{row[f'{m}_ci_low']:.3f}, {row[f'{m}_ci_high']:.3f}]"
                 for m in ("accuracy", "macro_f1", "macro_auroc")
             ]
-            rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells)
+            parts = ("backbone", "head")
+            shifts = [f"{row.get(f'weight_change_{part}', float('nan')):.4f}" for part in parts]
+                f"{row.get(f'weight_change_{part}', float('nan')):.4f}" for part in ("backbone", "head")
+            ]
+            rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells, *shifts)
         console = Console()
         console = console if console.is_terminal else Console(width=120)  # a log keeps whole rows
         console.print(rich_table)

@@ -57,6 +57,8 @@ from evidrift.classifier.freezing import (
     set_train_mode,
     unfreeze,
 )
+from evidrift.classifier.precision import Precision, resolve_precision
+from evidrift.classifier.weight_change import parameters_snapshot, stage_weight_change
 from evidrift.core import distributed
 from evidrift.core.distributed import Context, all_reduce_sum, epoch_batches
 from evidrift.core.errors import DataError, EvidriftError, MissingInputError, UsageError
@@ -140,6 +142,7 @@ def stage_hash(config: ClassifierStudy, model_cfg: ModelConfig, stage: str) -> s
             "model": model,
             "loss": config.train.loss,
             "deterministic": config.train.deterministic,
+            "precision": config.train.precision,
             "stage": stage,
             "stage_config": stage_config(config, stage).model_dump(mode="json"),
             "previous": previous,
@@ -345,7 +348,8 @@ class FitOptions:
     """How ``fit`` trains: the stage's settings (``cfg``), the loss (``ce``/``bce``), the checkpoint tag (the
     stage hash: a resume state of another tag is ignored), the seed of the batch order, what is frozen,
     ``label``/``stage`` for logs and metrics, progress bars, ``on_step(label, step)`` after every optimizer
-    step, and ``start_losses`` (the losses of the checkpoint the stage starts from, for ``divergence``)."""
+    step, ``start_losses`` (the losses of the checkpoint the stage starts from, for ``divergence``) and
+    ``precision`` (how the steps and the validation compute; default: ``default_precision``)."""
 
     cfg: StageConfig
     loss: str
@@ -357,6 +361,7 @@ class FitOptions:
     progress: bool = True
     on_step: OnStep | None = None
     start_losses: Mapping[str, Any] | None = None
+    precision: Precision | None = None
 
 
 def fit(
@@ -365,9 +370,10 @@ def fit(
     """Train ``trainee.trainable``'s parameters that require grad for ``cfg.epochs`` epochs (resuming from
     ``files.last`` when it carries ``options.tag``), validating after each epoch, keeping the best weights of
     ``trainable`` (by ``cfg.monitor``) in ``files.best``; early stopping after ``cfg.patience`` epochs without
-    improvement. Only ``trainable``'s state is saved (the frozen backbone of stage 1 never changes). Returns
-    the final counters. Raises ``TrainingDivergedError`` (see ``divergence``) with the last good epoch's
-    files kept."""
+    improvement. Only ``trainable``'s state is saved (the frozen backbone of stage 1 never changes). Only full
+    batches train (a trailing partial batch is dropped: a new batch shape re-plans the kernels). Returns the
+    final counters. Raises ``TrainingDivergedError`` (see ``divergence``) with the last good epoch's files
+    kept."""
     model, trainable, forward_train, forward_eval = (
         trainee.model, trainee.trainable, trainee.forward_train, trainee.forward_eval
     )  # fmt: skip
@@ -375,6 +381,7 @@ def fit(
         options.cfg, options.loss, options.tag, options.seed, options.label, options.stage
     )  # fmt: skip
     progress, on_step = options.progress, options.on_step
+    precision = options.precision or default_precision(ctx.device)
     # The freezing concerns the whole network; when only the head trains (stage 1) it switches the head alone.
     whole_model_freezing = (
         options.freezing if models.unwrap(trainable) is models.unwrap(model) else NOTHING_FROZEN
@@ -385,8 +392,9 @@ def fit(
     state = load_resume_state(files.last, trainable, optimizer, tag) or TrainState()
     if state.epoch >= 0:
         logger.info("%s: resuming after epoch %d", label, state.epoch + 1)
-    cuda = ctx.device.type == "cuda"
-    batches0 = epoch_batches(len(train_feed), cfg.batch_size, ctx, seed, 0, shuffle=True, train=True)
+    batches0 = full_batches(
+        epoch_batches(len(train_feed), cfg.batch_size, ctx, seed, 0, shuffle=True, train=True), cfg.batch_size
+    )
     steps_per_epoch = min(len(batches0), cfg.max_steps_per_epoch or len(batches0))
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -395,7 +403,7 @@ def fit(
             break
         started = time.perf_counter()
         batches = epoch_batches(len(train_feed), cfg.batch_size, ctx, seed, epoch, shuffle=True, train=True)
-        batches = batches[:steps_per_epoch]
+        batches = full_batches(batches, cfg.batch_size)[:steps_per_epoch]
         set_train_mode(trainable, True, whole_model_freezing)
         n_images = sum(len(b) for b in batches) * ctx.world_size
         bar = tqdm(
@@ -408,9 +416,8 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            if cuda and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cuda):
+            x = precision.prepare_input(x)
+            with precision.autocast():
                 batch_loss = compute_loss(forward_train(x), y, loss)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
@@ -425,7 +432,7 @@ def fit(
         bar.close()
         train_seconds = time.perf_counter() - started
         loss_sum, count = all_reduce_sum(totals, ctx).tolist()
-        record = validate(forward_eval, model, val_feed, cfg, loss, ctx, options.freezing)
+        record = validate(forward_eval, model, val_feed, cfg, loss, ctx, options.freezing, precision)
         record.update(
             train_loss=loss_sum / max(count, 1),
             lr=lr_at(max(state.step - 1, 0), total_steps, warmup_steps, cfg.lr),
@@ -481,9 +488,11 @@ def validate(
     loss: str,
     ctx: Context,
     freezing: Freezing = NOTHING_FROZEN,
+    precision: Precision | None = None,
 ) -> dict[str, Any]:
     """val_loss, val_accuracy, val_macro_f1, val_auroc (per class), val_macro_auroc over ``val_feed`` (NaN
-    figures when it is empty). The model's modes are restored afterwards, honouring ``freezing``."""
+    figures when it is empty), computed with ``precision`` (default: ``default_precision``). The model's
+    modes are restored afterwards, honouring ``freezing``."""
     if len(val_feed) == 0:
         nan = float("nan")
         return {
@@ -495,9 +504,9 @@ def validate(
         }
     was_training = model.training
     model.eval()
-    cuda = ctx.device.type == "cuda"
+    precision = precision or default_precision(ctx.device)
     labels, logits = predict_logits(
-        forward_eval, val_feed, ctx, cfg.batch_size, autocast=cuda, channels_last=cuda
+        forward_eval, val_feed, ctx, cfg.batch_size, autocast=precision.bf16, channels_last=precision.bf16
     )
     set_train_mode(model, was_training, freezing)
     metrics = classification_metrics(labels.numpy(), probabilities(logits, loss).numpy())
@@ -557,7 +566,7 @@ def stage_done(files: StageFiles, tag: str) -> bool:
 
 
 def _cached_features(
-    model: nn.Module, feed: Feed, ctx: Context, batch_size: int, path: Path, tag: str
+    model: nn.Module, feed: Feed, ctx: Context, batch_size: int, path: Path, tag: str, precision: Precision
 ) -> TensorFeed:
     """Pooled backbone features [N, F] of ``feed`` (computed once, then read from ``path``); the feed's
     ``seconds`` is the time the backbone pass took."""
@@ -571,9 +580,9 @@ def _cached_features(
                 return TensorFeed(handle.get_tensor("x"), handle.get_tensor("y"), seconds)
     started = time.perf_counter()
     model.eval()
-    cuda = ctx.device.type == "cuda"
+    bf16 = precision.bf16
     labels, features = predict_logits(
-        lambda x: models.pooled_features(model, x), feed, ctx, batch_size, autocast=cuda, channels_last=cuda
+        lambda x: models.pooled_features(model, x), feed, ctx, batch_size, autocast=bf16, channels_last=bf16
     )
     seconds = time.perf_counter() - started
     if ctx.is_main:
@@ -637,8 +646,9 @@ def train_stage(
         models.check_input_size(
             model, size, f"train.stage{stage}.image_size / image_scale or models[{model_cfg.key}].image_size"
         )
-        if ctx.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit memory_format
+        precision = resolve_precision(config.train.precision, ctx.device)
+        precision.prepare_model(model)
+        start_params = parameters_snapshot(model)  # the stage's θ_start (resuming does not change it)
         freezing = NOTHING_FROZEN
         if stage == "1":
             freezing = freeze_backbone(model)
@@ -665,12 +675,12 @@ def train_stage(
         if stage == "1":
             if cached:
                 folder = files.final.parent
+                train_path = folder / "stage1.features.train.safetensors"
                 train_feed = _cached_features(
-                    model, train_feed, ctx, cfg.batch_size, folder / "stage1.features.train.safetensors", tag
+                    model, train_feed, ctx, cfg.batch_size, train_path, tag, precision
                 )
-                val_feed = _cached_features(
-                    model, val_feed, ctx, cfg.batch_size, folder / "stage1.features.val.safetensors", tag
-                )
+                val_path = folder / "stage1.features.val.safetensors"
+                val_feed = _cached_features(model, val_feed, ctx, cfg.batch_size, val_path, tag, precision)
                 extra["feature_cache_seconds"] = train_feed.seconds + val_feed.seconds
                 if ctx.is_main:
                     logger.info(
@@ -684,7 +694,7 @@ def train_stage(
                     plain = _dataset(_split(frame, "train"), classes, size, config, mean, std, False, seed)
                     _, features = predict_logits(
                         lambda x: models.pooled_features(model, x), ImageFeed(plain, workers, pin), ctx,
-                        cfg.batch_size, autocast=pin, channels_last=pin,
+                        cfg.batch_size, autocast=precision.bf16, channels_last=precision.bf16,
                     )  # fmt: skip
                 extra["standardized_features"] = standardize_head(model, features)
             head_module = models.get_head(model)
@@ -705,13 +715,27 @@ def train_stage(
             forward_train, forward_eval = trainable, model
 
         trainee = Trainee(model, trainable, forward_train, forward_eval)
-        options = FitOptions(cfg, loss, tag, seed, freezing, label, stage, progress, on_step, start_losses)
+        options = FitOptions(
+            cfg, loss, tag, seed, freezing, label, stage, progress, on_step, start_losses, precision
+        )
         state = fit(trainee, train_feed, val_feed, ctx, files, options)
         if ctx.is_main:
             meta = {"classes": classes, "image_size": size, "mean": list(mean), "std": list(std), **extra}
-            _finalize(model, trainable, files, state, tag, stage, model_cfg, loss, head, meta)
+            _finalize(model, trainable, files, state, tag, stage, model_cfg, loss, head, meta, start_params)
         distributed.barrier(ctx)
     return files.final
+
+
+def default_precision(device: torch.device) -> Precision:
+    """The precision of a ``fit`` / ``validate`` call that names none: bf16 autocast on CUDA, fp32 elsewhere
+    (what they did before ``train.precision``; a study's stages pass the configured one)."""
+    return resolve_precision("bf16" if device.type == "cuda" else "fp32", device)
+
+
+def full_batches(batches: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The batches of ``batch_size`` samples (a trailing partial batch dropped), or all of them when none is
+    full (a split smaller than one batch)."""
+    return [b for b in batches if len(b) == batch_size] or batches
 
 
 def caches_features(cfg: StageConfig, stage: str) -> bool:
@@ -747,9 +771,11 @@ def _ddp(module: nn.Module, ctx: Context) -> nn.Module:
 def _finalize(
     model: nn.Module, trainable: nn.Module, files: StageFiles, state: TrainState, tag: str, stage: str,
     model_cfg: ModelConfig, loss: str, head: HeadConfig, extra: dict[str, Any],
+    start_params: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
-    """Write the final checkpoint (best weights; sidecar with ``extra``: classes, image_size, mean, std...),
-    then remove the stage's working files."""
+    """Write the final checkpoint (best weights; sidecar with ``extra``: classes, image_size, mean, std...,
+    and ``weight_change``: the relative change ‖θ_end − θ_start‖/‖θ_start‖ of all / backbone / head
+    parameters since ``start_params``), then remove the stage's working files."""
     net = models.unwrap(model)
     if files.best.is_file():
         models.unwrap(trainable).load_state_dict(load_file(str(files.best)), strict=True)
@@ -758,6 +784,13 @@ def _finalize(
         net.set_submodule(models.head_name(net), models.fold_standardization(head_module))
     unfreeze(net)
     net.eval()
+    if start_params is not None:
+        change = stage_weight_change(start_params, net, models.head_name(net))
+        extra = {**extra, "weight_change": change}
+        logger.info(
+            "%s stage %s: relative weight change all %.4f, backbone %.4f, head %.4f",
+            model_cfg.key, stage, change["all"], change["backbone"], change["head"],
+        )  # fmt: skip
     meta = {
         "arch": model_cfg.arch,
         "key": model_cfg.key,

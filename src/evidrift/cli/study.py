@@ -120,6 +120,15 @@ def demo(
     force: Annotated[
         list[str] | None, typer.Option("--force", help="redo this step and what follows")
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="the paper's sizes (224/299 px, thousands of phantoms), for a GPU; on CPU it "
+            "prints its estimated time and asks before starting",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="--full on CPU: start without asking")] = False,
 ) -> None:
     """The whole study on the embedded phantom chest X-rays, offline: densenet201, resnet50v2 and inceptionv3
     pretrained on a synthetic source task (stage 0), transfer (stage 1) and fine-tuning (stage 2), four CAM
@@ -128,8 +137,39 @@ def demo(
     from evidrift.studies.drift.presets import demo_config
 
     training_logs()
-    config = demo_config(quick=quick, out=out)
+    config = demo_config(quick=quick, out=out, full=full)
+    if full and not _confirm_full_on_cpu(config, yes):
+        console.print("demo --full not started.", highlight=False)
+        return
     _run_and_report(config, None, force or [], None, "explanation drift, stage 1 → stage 2 (mean [95% CI])")
+
+
+def _confirm_full_on_cpu(config: StudyConfig, yes: bool) -> bool:
+    """On a CPU device: print the estimated time of the study, then ask (``yes``: do not ask; no terminal
+    to answer: not started). On a GPU: True without a word."""
+    import torch
+
+    from evidrift.classifier.precision import resolve_precision
+    from evidrift.core import distributed
+    from evidrift.studies.drift.budget import estimate_cpu_seconds, format_duration
+
+    device = distributed.resolve_device(config.train.device)
+    if device.type != "cpu":
+        return True
+    threads = torch.get_num_threads()
+    bf16 = resolve_precision(config.train.precision, device).bf16
+    seconds = estimate_cpu_seconds(config, threads, bf16)
+    console.print(
+        f"demo --full on CPU ({threads} threads, {'bf16' if bf16 else 'fp32'} training): estimated "
+        f"{format_duration(seconds)} of training and explaining (a GPU takes minutes).",
+        highlight=False,
+    )
+    if yes:
+        return True
+    try:
+        return bool(typer.confirm("Start it?", default=False))
+    except typer.Abort:
+        return False
 
 
 def report(

@@ -353,10 +353,11 @@ def localization_figure(
     methods: Sequence[str],
     archs: Sequence[str],
     stage_labels: Mapping[int, str],
+    baselines: Mapping[tuple[str, str], float] | None = None,
 ) -> Figure:
     """Localization against ground-truth masks: a panel per (metric row, architecture column); methods on x,
     one bar per stage with CI whiskers. ``summary``: columns arch, method, stage (int), metric, mean, ci_low,
-    ci_high."""
+    ci_high. ``baselines`` {(metric, arch): value}: a dashed line (e.g. a uniform map's score)."""
     stages = sorted(int(s) for s in summary["stage"].unique())
     with style():
         fig, axes = plt.subplots(
@@ -394,6 +395,9 @@ def localization_figure(
                 ax.set_xticks(range(len(methods)))
                 ax.set_xticklabels([shorten(m, 12) for m in methods], rotation=30, ha="right")
                 ax.grid(axis="y", alpha=0.25)
+                baseline = (baselines or {}).get((metric, arch))
+                if baseline is not None and np.isfinite(baseline):
+                    ax.axhline(baseline, color="0.3", ls="--", lw=0.9, label="uniform map")
                 if i == 0:
                     ax.set_title(shorten(arch, 24))
                 if k == 0:

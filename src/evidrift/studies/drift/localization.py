@@ -18,12 +18,10 @@ from evidrift.core.paths import RunPaths
 from evidrift.studies.config import StudyConfig
 
 LOCALIZATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou@0.2", "pixel_auroc", "cnr")
-
-
+#: The lesion mask's share of the image at the analysis size: the energy pointing game of a uniform map.
+BASELINE_METRIC = "mask_fraction"
 #: Box IoU threshold on the min-max normalized map (``box_iou@t``), for the images with CSV boxes.
 BOX_IOU_THRESHOLD = 0.5
-
-
 BOX_METRIC = f"box_iou@{BOX_IOU_THRESHOLD:g}"
 
 
@@ -74,7 +72,8 @@ def _ground_truth_at(frame: pd.DataFrame, size: int, resize: str) -> dict[str, G
 def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSettings) -> pd.DataFrame | None:
     """Maps of both stages vs the lesion masks, or masks rasterised from the CSV's boxes when an image has
     no mask (column ``box_derived``): one row per (id, arch, stage, method), a column per
-    ``LOCALIZATION_METRICS`` and ``box_iou@0.5`` (NaN without boxes), at the drift analysis size; None when
+    ``LOCALIZATION_METRICS``, ``box_iou@0.5`` (NaN without boxes) and ``mask_fraction`` (the mask's share of
+    the image: a uniform map's energy pointing game), at the drift analysis size; None when
     the data has neither masks nor boxes."""
     import torch
 
@@ -121,6 +120,7 @@ def localization_table(config: StudyConfig, paths: RunPaths, settings: DriftSett
                         AnalysisMaps(maps[[keep[j] for j in with_boxes]], size), boxes, t=BOX_IOU_THRESHOLD
                     )
                 values[BOX_METRIC] = box_iou
+                values[BASELINE_METRIC] = gt.flatten(1).double().mean(dim=1)
                 for j, i in enumerate(keep):
                     rows.append(
                         {
@@ -147,7 +147,11 @@ def write_localization(config: StudyConfig, paths: RunPaths, settings: DriftSett
         return
     write_parquet_atomic(paths.localization, table)
     parts = []
-    metrics = [*LOCALIZATION_METRICS, *([BOX_METRIC] if table[BOX_METRIC].notna().any() else [])]
+    metrics = [
+        *LOCALIZATION_METRICS,
+        *([BOX_METRIC] if table[BOX_METRIC].notna().any() else []),
+        *([BASELINE_METRIC] if BASELINE_METRIC in table.columns else []),
+    ]
     for stage, group in table.groupby("stage", sort=True):
         summary = stats.summarize(group, metrics, n_boot=settings.n_boot, ci=settings.ci, seed=settings.seed)
         summary.insert(2, "stage", int(stage))  # type: ignore[arg-type]  # pandas-stubs: key is any scalar

@@ -147,6 +147,7 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
     for m in ("accuracy", "macro_f1", "macro_auroc"):  # CI columns: m_lo/m_hi or m_ci_low/m_ci_high
         table = table.rename(columns={f"{m}_ci_low": f"{m}_lo", f"{m}_ci_high": f"{m}_hi"})
     rows = []
+    moved = "weight_change_backbone" in table.columns
     for _, r in table.iterrows():
         rows.append(
             [
@@ -157,11 +158,22 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
                     Cell(fmt_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]))
                     for m in ("accuracy", "macro_f1", "macro_auroc")
                 ],
+                *(
+                    [Cell(fmt(r["weight_change_backbone"], 4)), Cell(fmt(r["weight_change_head"], 4))]
+                    if moved
+                    else []
+                ),
             ]
         )
-    section.intro = "Test split; mean [95% percentile-bootstrap CI over images]."
+    section.intro = "Test split; mean [95% percentile-bootstrap CI over images]." + (
+        " Δθ: how far the stage moved the weights, ‖θ_end − θ_start‖ / ‖θ_start‖ of the backbone and of the "
+        "head (stage 1 trains the head only; stage 2 starts from stage 1's checkpoint)."
+        if moved
+        else ""
+    )
+    columns = ["architecture", "stage", "n", "accuracy", "macro-F1", "macro AUROC"]
     section.tables.append(
-        Table(["architecture", "stage", "n", "accuracy", "macro-F1", "macro AUROC"], rows, numeric_from=2)
+        Table([*columns, *(["Δθ backbone", "Δθ head"] if moved else [])], rows, numeric_from=2)
     )
     section.figures.append(
         draw(F.classification_figure(table, stage_labels), "classification", "Classification")
@@ -336,6 +348,13 @@ def distribution_section(
     return section
 
 
+def uniform_baselines(summary: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """{("energy_pointing_game", arch): mean mask_fraction of the arch's explained images} from a
+    localization summary (mean over its methods and stages, which explain the same images or nearly)."""
+    rows = summary[summary["metric"] == "mask_fraction"]
+    return {("energy_pointing_game", str(a)): float(g["mean"].mean()) for a, g in rows.groupby("arch")}
+
+
 def localization_section(
     paths: RunPaths,
     archs: list[str],
@@ -383,9 +402,17 @@ def localization_section(
                         cells.append(Cell("—"))
                 rows.append(cells)
     shown = [m for m in metrics if m in LOCALIZATION_METRICS[:3]] or metrics[:3]
+    baselines = uniform_baselines(summary)
+    if baselines:
+        section.notes.append(
+            "Uniform-map baseline of the energy pointing game (the mean lesion-mask share of the image, the "
+            "dashed line in the figure): "
+            + ", ".join(f"{arch} {value:.3f}" for (_, arch), value in sorted(baselines.items()))
+            + ". A map that looks at the lesions scores well above it."
+        )
     section.figures.append(
         draw(
-            F.localization_figure(summary, shown, methods, archs, stage_labels),
+            F.localization_figure(summary, shown, methods, archs, stage_labels, baselines),
             "localization",
             "Localization",
         )
