@@ -145,8 +145,6 @@ def evaluate_study(
             ]
             parts = ("backbone", "head")
             shifts = [f"{row.get(f'weight_change_{part}', float('nan')):.4f}" for part in parts]
-                f"{row.get(f'weight_change_{part}', float('nan')):.4f}" for part in ("backbone", "head")
-            ]
             rich_table.add_row(str(row["arch"]), str(row["stage"]), *cells, *shifts)
         console = Console()
         console = console if console.is_terminal else Console(width=120)  # a log keeps whole rows
