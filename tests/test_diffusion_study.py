@@ -107,3 +107,20 @@ def test_gate_verdict_rules():
     spot[:, 1, 1] = 1.0  # every map peaks on the one-pixel marker
     hit = gt.marker_gate(spot + 0.1, spot.bool(), n_boot=200, seed=0)
     assert hit["value"] == 1.0 and hit["passed"] and hit["chance"] == pytest.approx(1 / 16)
+
+
+def test_command_exits_2_on_a_bad_section(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from evidrift.studies.diffusion.command import diffusion
+
+    app = typer.Typer()
+    app.command()(diffusion)
+    study = tmp_path / "study.yaml"
+    study.write_text("diffusion:\n  train:\n    base_stepz: 3\n")
+    result = CliRunner().invoke(app, [str(study)])
+    assert result.exit_code == 2
+    assert "diffusion.train.base_stepz" in result.output
+    result = CliRunner().invoke(app, [str(study), "--quick"])
+    assert result.exit_code == 2 and "not both" in result.output

@@ -88,6 +88,13 @@ def save_folder_atomic(folder: Path, unet: torch.nn.Module, text: torch.nn.Modul
     tmp.rename(folder)
 
 
+def device_of(config: DiffusionConfig) -> torch.device:
+    """``diffusion.device``: ``auto`` is CUDA when available, else the CPU."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
 def models_scored(config: DiffusionConfig) -> list[str]:
     return ["base", *config.train.variants]
 
@@ -153,6 +160,7 @@ def step_base(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -> 
         unet = build_unet(config)
         scheduler, _ = build_schedulers(config)
         base = load_set(paths, "base", ctx)
+        unet, text = unet.to(device_of(config)), text.to(device_of(config))
         losses = train_diffusion(
             unet,
             text,
@@ -180,6 +188,7 @@ def step_finetune(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any])
         if (folder / "unet").is_dir() and (folder / ".complete").is_file():
             continue  # resumed: this variant finished before an interruption
         unet, text, scheduler = load_model_folder(model_dir(paths, "base"))
+        unet, text = unet.to(device_of(config)), text.to(device_of(config))
         losses = train_diffusion(
             unet,
             text,
@@ -206,9 +215,9 @@ def _load_model(
         torch.manual_seed(config.train.seed + 12345)
         unet = build_unet(config).eval()
         scheduler, _ = build_schedulers(config)
-        return unet, _load_text(paths), scheduler
+        return unet.to(device_of(config)), _load_text(paths).to(device_of(config)), scheduler
     unet, text, scheduler = load_model_folder(model_dir(paths, name))
-    return unet.eval(), text.eval(), scheduler
+    return unet.eval().to(device_of(config)), text.eval().to(device_of(config)), scheduler
 
 
 def _short_layer(name: str) -> str:
@@ -247,8 +256,10 @@ def capture_model(
     out: dict[str, list[torch.Tensor]] = {k: [] for k in [*weights, *(["twin"] if twins else [])]}
     layers: tuple[str, ...] = ()
     batch = 16
-    images = test.tensor()
-    twin_images = test.tensor(test.twins) if twins and test.twins is not None else None
+    device = next(unet.parameters()).device
+    images = test.tensor().to(device)
+    ids = ids.to(device)
+    twin_images = test.tensor(test.twins).to(device) if twins and test.twins is not None else None
     for start in range(0, len(test), batch):
         sl = slice(start, start + batch)
         with torch.no_grad():
@@ -633,7 +644,7 @@ def run_study(
 
     paths = RunPaths.at(out)
     paths.root.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    quiet_hub_logging()
     write_json_atomic(paths.root / "diffusion_config.json", config_dict(config))
     run_steps(study_steps(), config, paths, force=force, until=until, log=log)
     return paths

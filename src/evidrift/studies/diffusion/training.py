@@ -70,9 +70,9 @@ def pretrain_text_encoder(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None:
-            log({"step": step, "loss": float(loss)})
+            log({"step": step, "loss": losses[-1]})
     text_encoder.eval()
     return losses
 
@@ -157,9 +157,9 @@ def train_diffusion(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None:
-            log({"step": step, "loss": float(loss)})
+            log({"step": step, "loss": losses[-1]})
     unet.eval()
     text_encoder.eval()
     for param in [*unet.parameters(), *text_encoder.parameters()]:
