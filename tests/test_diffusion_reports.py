@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from evidrift.core.config import ConfigError
 from evidrift.data.reports import (
     QUERY_WORDS,
     ReportError,
@@ -14,7 +15,7 @@ from evidrift.data.reports import (
     mask_zone,
     report_text,
 )
-from evidrift.studies.diffusion.config import DiffusionConfigError, parse_diffusion, preset
+from evidrift.studies.diffusion.config import parse_diffusion, preset
 
 
 def _mask(rows: slice, cols: slice, size: int = 20) -> np.ndarray:
@@ -73,13 +74,13 @@ def test_tokenizer_encodes_with_start_end_and_pads():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(DiffusionConfigError, match=r"diffusion\.train\.base_stepz: unknown key"):
+    with pytest.raises(ConfigError, match=r"diffusion\.train\.base_stepz: unknown key"):
         parse_diffusion({"train": {"base_stepz": 3}})
-    with pytest.raises(DiffusionConfigError, match=r"diffusion\.data\.size"):
+    with pytest.raises(ConfigError, match=r"diffusion\.data\.size"):
         parse_diffusion({"data": {"size": 4}})
-    with pytest.raises(DiffusionConfigError, match="preset"):
+    with pytest.raises(ConfigError, match="preset"):
         parse_diffusion({"preset": "huge"})
-    with pytest.raises(DiffusionConfigError, match="train_timesteps"):
+    with pytest.raises(ConfigError, match="train_timesteps"):
         parse_diffusion({"attention": {"timesteps": [1000]}})
 
 

@@ -113,7 +113,7 @@ def test_command_exits_2_on_a_bad_section(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from evidrift.studies.diffusion.command import diffusion
+    from evidrift.cli.diffusion import diffusion
 
     app = typer.Typer()
     app.command()(diffusion)

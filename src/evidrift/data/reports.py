@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evidrift.core.errors import EvidriftError
+
 #: The finding word of each phantom class (``normal`` has none: "clear lungs").
 FINDINGS: dict[str, str] = {
     "bacterial_pneumonia": "consolidation",
@@ -67,7 +69,7 @@ VOCABULARY: tuple[str, ...] = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(EvidriftError, ValueError):
     """A report or word outside the closed vocabulary; the message names the word."""
 
 

@@ -1,7 +1,8 @@
 """The ``diffusion:`` section of a study file (DESIGN § 11) and its presets.
 
-Validated like every section of ``evidrift.config``: unknown keys are errors, and a wrong value is raised as
-``DiffusionConfigError`` naming its dotted key (``diffusion.unet.channels: ...``). ``preset(name)`` gives
+Validated like every section (``evidrift.core.config``: ``Section``, ``validate_model``): unknown keys are
+errors, and a wrong value is raised as ``ConfigError`` naming its dotted key (``diffusion.unet.channels:
+...``). ``preset(name)`` gives
 the ``quick`` (tests, < 2 min), ``default`` (≤ 10 min on 2 CPU cores) and ``gpu`` (64 px, long training)
 configurations; a study file's ``diffusion:`` mapping overrides a preset key by key (``preset: quick``).
 """
@@ -13,20 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from evidrift.core.config import ConfigError, Section, validate_model
 
 VARIANTS = ("frozen", "learnable", "cross_attention")
 
 
-class DiffusionConfigError(ValueError):
-    """A ``diffusion:`` section that cannot be used; the message names the keys and the fix."""
+class DiffusionConfigError(ConfigError):
+    """A diffusion study file or preset that cannot be used; the message names the file/key and the fix."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataSection(_Section):
+class DataSection(Section):
     """Phantom images for the study: a base set (pretraining), a fine-tune set and a test set, all rendered
     at ``size`` px from their own seeds; ``marker`` is the probability of a planted marker (named in the
     report) in the base and fine-tune sets; every test image of a lesion class carries one."""
@@ -40,7 +39,7 @@ class DataSection(_Section):
     seed: int = 0
 
 
-class UNetSection(_Section):
+class UNetSection(Section):
     """``UNet2DConditionModel`` sizes: ``channels`` per block (cross-attention in every block but the first),
     ``head_dim`` per attention head."""
 
@@ -57,7 +56,7 @@ class UNetSection(_Section):
         return self
 
 
-class TextSection(_Section):
+class TextSection(Section):
     """``CLIPTextModel`` sizes (built from a ``CLIPTextConfig``) and its contrastive pretraining."""
 
     hidden: Annotated[int, Field(ge=8)] = 32
@@ -74,7 +73,7 @@ class TextSection(_Section):
         return self
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     """DDPM noise-prediction training: the base model on the base set, then each variant from the base on
     the fine-tune set with the same seed and budget. ``ucg``: probability of an empty prompt
     (unconditional-guidance dropout)."""
@@ -93,7 +92,7 @@ class TrainSection(_Section):
     seed: int = 0
 
 
-class AttentionSection(_Section):
+class AttentionSection(Section):
     """The reference protocol: the real image noised to each of ``timesteps`` (DDPM indices, noise seeded per
     (image, timestep)), one UNet pass each; maps upsampled to ``map_size`` and averaged over heads, layers,
     timesteps and the query word's tokens. ``noise_seeds``: the study seed and the noise-floor seed."""
@@ -111,25 +110,25 @@ class AttentionSection(_Section):
         return steps
 
 
-class FidelitySection(_Section):
+class FidelitySection(Section):
     """Fidelity without downloads: ``n_samples`` per prompt class sampled with DDIM (``sample_steps``,
     guidance ``guidance``), scored in the feature space of a classifier trained in the run
     (``classifier_steps``); ``inception_weights``: a local InceptionV3 weights file for standard FID."""
 
     n_samples: Annotated[int, Field(ge=2)] = 16
-    sample_steps: Annotated[int, Field(ge=2)] = 20
+    sample_steps: Annotated[int, Field(ge=2)] = 10
     guidance: Annotated[float, Field(ge=1.0)] = 2.0
     classifier_steps: Annotated[int, Field(ge=1)] = 300
     kid_subset: Annotated[int, Field(ge=2)] = 50
     inception_weights: Path | None = None
 
 
-class StatsSection(_Section):
+class StatsSection(Section):
     n_boot: Annotated[int, Field(ge=100)] = 1000
     seed: int = 0
 
 
-class DiffusionConfig(_Section):
+class DiffusionConfig(Section):
     """The diffusion study (DESIGN § 11). ``model``: a local Stable-Diffusion-style folder (``unet/``,
     ``text_encoder/``, ``scheduler/``) loaded with ``local_files_only=True`` instead of training from
     scratch (the base model; the variants are fine-tuned from it)."""
@@ -188,29 +187,21 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(error: dict[str, Any]) -> str:
-    location = ".".join(["diffusion", *(str(p) for p in error["loc"])])
-    if error["type"] == "extra_forbidden":
-        return f"{location}: unknown key (check the spelling against DiffusionConfig)"
-    given = error.get("input")
-    text = f"{location}: {error['msg']}"
-    if given is not None and not isinstance(given, dict | list):
-        text += f"; got {given!r}"
-    return text
+class DiffusionFile(Section):
+    """The keys of a study file the diffusion command reads (other sections of the file are not read)."""
+
+    diffusion: DiffusionConfig = DiffusionConfig()
 
 
 def parse_diffusion(raw: dict[str, Any] | None, source: str = "<dict>") -> DiffusionConfig:
     """Validate a ``diffusion:`` mapping over its preset (``raw['preset']``, default ``default``); raises
-    ``DiffusionConfigError`` listing every wrong key."""
+    ``ConfigError`` listing every wrong key by its dotted path (``diffusion.train.lr``)."""
     raw = dict(raw or {})
     name = raw.get("preset", "default")
     if name not in PRESETS:
         raise DiffusionConfigError(f"{source}: diffusion.preset {name!r} is not one of {sorted(PRESETS)}")
-    try:
-        return DiffusionConfig.model_validate(_merge(PRESETS[name], raw) | {"preset": name})
-    except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise DiffusionConfigError(f"{source} has an invalid diffusion section:\n{lines}") from None
+    merged = _merge(PRESETS[name], raw) | {"preset": name}
+    return validate_model(DiffusionFile, {"diffusion": merged}, source, "diffusion study file").diffusion
 
 
 def preset(name: str) -> DiffusionConfig:
@@ -220,7 +211,7 @@ def preset(name: str) -> DiffusionConfig:
 
 def load_diffusion(path: str | os.PathLike[str]) -> tuple[DiffusionConfig, Path | None]:
     """Read a study file's ``diffusion:`` section and its ``output.dir`` (None when absent; relative paths
-    resolve against the file's folder, as ``evidrift.config.load_config`` does)."""
+    resolve against the file's folder, as ``evidrift.studies.config.load_config`` does)."""
     file = Path(path)
     if not file.is_file():
         raise DiffusionConfigError(f"study file {file} does not exist")

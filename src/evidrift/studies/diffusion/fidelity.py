@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -69,10 +70,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # the pytorch-fid fallback: add eps to the diagonals
-        offset = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    with warnings.catch_warnings():  # singular covariances are expected (dead ReLU features, few samples)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # the pytorch-fid fallback: add eps to the diagonals
+            offset = np.eye(cov_a.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from evidrift.core.errors import EvidriftError
 from evidrift.data.reports import WordTokenizer
 from evidrift.studies.diffusion.config import DiffusionConfig
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(EvidriftError, ValueError):
     """A ``diffusion.model`` folder that cannot be loaded; the message names the folder and what is
     missing."""
 

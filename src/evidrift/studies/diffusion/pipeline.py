@@ -27,14 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evidrift.artifacts import (
-    RunPaths,
-    read_maps,
-    write_bytes_atomic,
-    write_csv_atomic,
-    write_json_atomic,
-    write_maps_shard,
-)
+from evidrift.core.io import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from evidrift.core.maps_store import read_maps, write_maps_shard
+from evidrift.core.paths import RunPaths
 from evidrift.data.phantom import CLASSES
 from evidrift.data.reports import MARKER_WORD, QUERY_WORDS, WordTokenizer
 from evidrift.metrics.drift import compare

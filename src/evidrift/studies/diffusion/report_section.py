@@ -9,18 +9,17 @@ class × model with the lesion outlined, sample grids per model, localization vs
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from markupsafe import Markup
 
-from evidrift.artifacts import RunPaths, write_text_atomic
+from evidrift.core.io import config_hash
+from evidrift.core.paths import RunPaths
 from evidrift.report import figures as F
 from evidrift.report.elements import Cell, FigureWriter, Section, Table, fmt, fmt_ci
-from evidrift.report.html import environment, step_times, versions
+from evidrift.report.html import render_report
 from evidrift.studies.diffusion.config import DiffusionConfig, config_dict
 from evidrift.studies.diffusion.scores import PRIMARY_METRIC
 
@@ -244,23 +243,16 @@ def diffusion_sections(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, 
 
 def write_report(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -> None:
     """``report.html`` (self-contained) and ``figures/diffusion_*.png``."""
-    sections = diffusion_sections(config, paths, ctx)
-    context = {
-        "title": "evidrift - diffusion study: attention localization vs fidelity",
-        "subtitle": f"preset {config.preset}; variants: {', '.join(config.train.variants)}",
-        "archs": ["base", *config.train.variants],
-        "methods": ["cross-attention"],
-        "n_images": config.data.n_test,
-        "sections": sections,
-        "extra_html": Markup(""),
-        "config_text": json.dumps(config_dict(config), indent=2),
-        "footer": {
-            "steps": step_times(paths),
-            "versions": versions(),
-            "seed": config.train.seed,
-            "config_hash": "",
-            "generated": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "run_dir": str(paths.root.resolve()),
-        },
-    }
-    write_text_atomic(paths.report, environment().get_template("report.html").render(**context))
+    resolved = config_dict(config)
+    render_report(
+        paths,
+        title="evidrift - diffusion study: attention localization vs fidelity",
+        subtitle=f"preset {config.preset}; variants: {', '.join(config.train.variants)}",
+        sections=diffusion_sections(config, paths, ctx),
+        config_text=json.dumps(resolved, indent=2),
+        seed=config.train.seed,
+        config_hash=config_hash(resolved),
+        archs=["base", *config.train.variants],
+        methods=["cross-attention"],
+        n_images=config.data.n_test,
+    )

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evidrift.artifacts import RunPaths, config_hash, write_json_atomic
+from evidrift.core.errors import EvidriftError
+from evidrift.core.io import config_hash, write_json_atomic
+from evidrift.core.paths import RunPaths
 from evidrift.studies.diffusion.config import DiffusionConfig, config_dict
 
 
-class StepError(ValueError):
+class StepError(EvidriftError, ValueError):
     """An unknown step name in ``force``/``until``; the message lists the steps."""
 
 

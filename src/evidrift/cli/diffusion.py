@@ -1,9 +1,8 @@
 """``evidrift diffusion study.yaml`` / ``evidrift diffusion --quick [--out DIR]``: the command function.
 
-Kept here until the CLI package of the layout change exists; then it moves to its module under
-``evidrift/cli/`` and is registered with one line (``app.command("diffusion")(diffusion)``). User errors
-(a bad ``diffusion:`` section, a model folder that cannot be loaded, an unknown step) exit with code 2 and
-a message; every other exception keeps its traceback.
+Registered in ``evidrift.cli.app`` with one line (``app.command("diffusion")(diffusion)``). User errors
+(``EvidriftError``: a bad ``diffusion:`` section, a model folder that cannot be loaded, an unknown step)
+exit with code 2 and a one-line message; every other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -31,13 +30,9 @@ def diffusion(
     learnable, cross-attention only) trade its cross-attention maps' localization for image fidelity?
     Writes localization.csv, localization_timestep.csv, localization_layer.csv, fidelity.csv, drift.csv,
     gates.csv, verdict.json and report.html. Resumable."""
-    import torch
-
-    from evidrift.data.reports import ReportError
+    from evidrift.core.errors import EvidriftError
     from evidrift.studies.diffusion.config import DiffusionConfigError, load_diffusion, preset
-    from evidrift.studies.diffusion.models import ModelFolderError
     from evidrift.studies.diffusion.pipeline import run_study
-    from evidrift.studies.diffusion.steps import StepError
 
     try:
         if study is not None and quick:
@@ -47,10 +42,8 @@ def diffusion(
         else:
             config, configured_out = load_diffusion(study)
         run_dir = out or configured_out or DEFAULT_OUT
-        if torch.get_num_threads() < 1:
-            torch.set_num_threads(1)
         paths = run_study(config, run_dir, force=force or (), until=until, log=typer.echo)
-    except (DiffusionConfigError, ModelFolderError, StepError, ReportError) as exc:
+    except EvidriftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     verdict = paths.root / "verdict.json"
