@@ -124,3 +124,33 @@ def test_command_exits_2_on_a_bad_section(tmp_path):
     assert "diffusion.train.base_stepz" in result.output
     result = CliRunner().invoke(app, [str(study), "--quick"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_a_local_model_folder_is_the_base_model(tmp_path):
+    """``diffusion.model: <folder>``: the base model and text encoder come from the folder (no training)."""
+    from evidrift.data.reports import WordTokenizer
+    from evidrift.studies.diffusion.config import parse_diffusion
+    from evidrift.studies.diffusion.models import (
+        build_schedulers,
+        build_text_encoder,
+        build_unet,
+        load_model_folder,
+        save_model_folder,
+    )
+
+    torch.set_num_threads(1)
+    config = parse_diffusion({"preset": "quick", "model": str(tmp_path / "sd")})
+    torch.manual_seed(3)
+    unet = build_unet(config)
+    text = build_text_encoder(config, WordTokenizer(max_length=config.text.max_length))
+    save_model_folder(tmp_path / "sd", unet, text, build_schedulers(config)[0])
+    messages: list[str] = []
+    run_study(config, tmp_path / "run", until="base", log=messages.append)
+    ran = [m.split()[1].rstrip(":") for m in messages if m.endswith(" s")]
+    assert ran == ["data", "text_encoder", "base"]
+    loaded_unet, loaded_text, _ = load_model_folder(tmp_path / "run" / "models" / "base")
+    for a, b in zip(unet.state_dict().values(), loaded_unet.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(text.state_dict().values(), loaded_text.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not (tmp_path / "run" / "models" / "losses.json").exists()  # nothing was trained

@@ -75,15 +75,18 @@ class TextSection(Section):
 
 class TrainSection(Section):
     """DDPM noise-prediction training: the base model on the base set, then each variant from the base on
-    the fine-tune set with the same seed and budget. ``ucg``: probability of an empty prompt
-    (unconditional-guidance dropout)."""
+    the fine-tune set with the same seed and budget. ``text_lr``: the learnable text encoder's rate (None:
+    the UNet's rate, as chest-distillation's ``LatentDiffusion.configure_optimizers`` adds the conditioner's
+    parameters to the one optimizer). ``ucg``: probability of an empty prompt (unconditional-guidance
+    dropout; the reference's ``ucg_probability``, 0 in its default config — here 0.1 so that guided
+    sampling has an unconditional model)."""
 
     batch_size: Annotated[int, Field(ge=1)] = 16
     base_steps: Annotated[int, Field(ge=1)] = 400
     finetune_steps: Annotated[int, Field(ge=1)] = 150
     lr: Annotated[float, Field(gt=0)] = 1e-3
     finetune_lr: Annotated[float, Field(gt=0)] = 5e-4
-    text_lr: Annotated[float, Field(gt=0)] = 2e-4
+    text_lr: Annotated[float, Field(gt=0)] | None = None
     ucg: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     train_timesteps: Annotated[int, Field(ge=10)] = 1000
     variants: Annotated[list[Literal["frozen", "learnable", "cross_attention"]], Field(min_length=1)] = list(
