@@ -133,7 +133,7 @@ def maps_figure(paths: RunPaths, models: list[str], ctx: dict[str, Any]) -> Any:
 
 def samples_figure(paths: RunPaths, models: list[str], per_class: int = 4) -> Any:
     with F.style():
-        fig, axes = F.plt.subplots(len(models), 1, figsize=(7.5, 1.7 * len(models)), squeeze=False)
+        fig, axes = F.plt.subplots(len(models), 1, figsize=(9.0, 0.55 * len(models) + 0.5), squeeze=False)
         for r, model in enumerate(models):
             with np.load(paths.root / "samples" / f"{model}.npz", allow_pickle=False) as data:
                 images, labels = data["images"], [str(v) for v in data["labels"]]
