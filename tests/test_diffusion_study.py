@@ -24,6 +24,11 @@ TABLES = (
 )
 
 
+def _ran(messages: list[str]) -> list[str]:
+    """Step names of the runner's ``[step] done in X s`` lines."""
+    return [m.split("]")[0].lstrip("[") for m in messages if " done in " in m]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     threads = torch.get_num_threads()
@@ -89,8 +94,8 @@ def test_quick_preset_resumes(quick_run):
     assert sum("skipped" in m for m in messages) == len(study_steps())
     messages.clear()
     run_study(preset("quick"), out, force=["gates"], log=messages.append)
-    ran = [m.split()[1].rstrip(":") for m in messages if m.endswith(" s")]
-    assert ran == ["gates", "report"]  # a forced step forces what reads it
+    assert _ran(messages) == ["gates", "report"]  # --force STEP redoes it and every later step
+    assert (out / "gates.csv").is_file() and (out / "report.html").is_file()
 
 
 def test_gate_verdict_rules():
@@ -110,20 +115,21 @@ def test_gate_verdict_rules():
 
 
 def test_command_exits_2_on_a_bad_section(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from evidrift.cli.diffusion import diffusion
+    from evidrift.cli import app
 
-    app = typer.Typer()
-    app.command()(diffusion)
     study = tmp_path / "study.yaml"
     study.write_text("diffusion:\n  train:\n    base_stepz: 3\n")
-    result = CliRunner().invoke(app, [str(study)])
-    assert result.exit_code == 2
+    result = CliRunner().invoke(app, ["diffusion", str(study)])
+    assert result.exit_code == 2, result.output
     assert "diffusion.train.base_stepz" in result.output
-    result = CliRunner().invoke(app, [str(study), "--quick"])
+    result = CliRunner().invoke(app, ["diffusion", str(study), "--quick"])
     assert result.exit_code == 2 and "not both" in result.output
+    result = CliRunner().invoke(
+        app, ["diffusion", "--quick", "--until", "nope", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "nope" in result.output
 
 
 def test_a_local_model_folder_is_the_base_model(tmp_path):
@@ -146,8 +152,7 @@ def test_a_local_model_folder_is_the_base_model(tmp_path):
     save_model_folder(tmp_path / "sd", unet, text, build_schedulers(config)[0])
     messages: list[str] = []
     run_study(config, tmp_path / "run", until="base", log=messages.append)
-    ran = [m.split()[1].rstrip(":") for m in messages if m.endswith(" s")]
-    assert ran == ["data", "text_encoder", "base"]
+    assert _ran(messages) == ["data", "text_encoder", "base"]
     loaded_unet, loaded_text, _ = load_model_folder(tmp_path / "run" / "models" / "base")
     for a, b in zip(unet.state_dict().values(), loaded_unet.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)

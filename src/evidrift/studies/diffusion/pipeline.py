@@ -5,6 +5,7 @@ data/{base,finetune,test}.npz       the image sets (images, masks, markers, labe
 models/text_encoder/                the contrastively pretrained CLIPTextModel
 models/{base,frozen,learnable,cross_attention}/   unet/, text_encoder/, scheduler/ (save_pretrained)
 models/losses.json                  training losses per model
+steps/{step}.json                   markers of ``evidrift.core.steps`` (hash, wall and CPU seconds)
 maps/diffusion/stage{model}/{kind}  attention maps in the maps store (kind: query, marker, start, twin,
                                     floor (base only), query@t{t}, query@{layer})
 samples/{model}.npz                 generated images and their prompt classes
@@ -12,7 +13,7 @@ localization_images.csv, localization.csv, localization_timestep.csv, localizati
 fidelity.csv, fidelity_classes.csv, drift.csv, gates.csv, verdict.json, report.html, figures/
 ```
 Models scored: ``base`` (pretrained, before fine-tuning), the variants, and ``random_unet`` (a random-init
-UNet with the pretrained text encoder: a baseline). Every step resumes (``steps.run_steps``).
+UNet with the pretrained text encoder: a baseline). Every step resumes (``evidrift.core.steps``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from evidrift.core import distributed
+from evidrift.core.distributed import Context
 from evidrift.core.io import write_bytes_atomic, write_csv_atomic, write_json_atomic
 from evidrift.core.maps_store import read_maps, write_maps_shard
 from evidrift.core.paths import RunPaths
+from evidrift.core.steps import Step, run_steps
 from evidrift.data.phantom import CLASSES
 from evidrift.data.reports import MARKER_WORD, QUERY_WORDS, WordTokenizer
 from evidrift.metrics.drift import compare
@@ -37,7 +42,7 @@ from evidrift.studies.diffusion import attention as att
 from evidrift.studies.diffusion import fidelity as fid
 from evidrift.studies.diffusion import gates as gt
 from evidrift.studies.diffusion import scores
-from evidrift.studies.diffusion.config import DiffusionConfig
+from evidrift.studies.diffusion.config import DiffusionConfig, config_dict
 from evidrift.studies.diffusion.data import SET_NAMES, ImageSet, render_set
 from evidrift.studies.diffusion.models import (
     build_schedulers,
@@ -49,7 +54,6 @@ from evidrift.studies.diffusion.models import (
     text_states,
 )
 from evidrift.studies.diffusion.sampling import sample_images
-from evidrift.studies.diffusion.steps import Step
 from evidrift.studies.diffusion.training import mean_loss, pretrain_text_encoder, train_diffusion
 
 ARCH = "diffusion"  # the maps store's "arch" level for this study
@@ -596,50 +600,119 @@ def step_report(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -
     write_report(config, paths, ctx)
 
 
-def study_steps() -> list[Step]:
-    """The study's steps in order (names, what they read, the config keys their hash covers, outputs)."""
-    data_keys = ("data",)
-    model_keys = ("model", "unet", "text", "train")
-    return [
-        Step("data", step_data, (), data_keys, tuple(f"data/{n}.npz" for n in SET_NAMES)),
-        Step(
-            "text_encoder",
-            step_text_encoder,
-            ("data",),
-            ("model", "text", "train.seed", "train.batch_size"),
-            ("models/text_encoder",),
-        ),
-        Step("base", step_base, ("text_encoder",), model_keys, ("models/base/unet",)),
-        Step("finetune", step_finetune, ("base",), model_keys, ()),
-        Step("attention", step_attention, ("finetune",), ("attention",), (f"maps/{ARCH}",)),
-        Step(
-            "localization",
-            step_localization,
-            ("attention",),
-            ("stats",),
-            ("localization.csv", "localization_timestep.csv", "localization_layer.csv"),
-        ),
-        Step("fidelity", step_fidelity, ("finetune",), ("fidelity", "stats"), ("fidelity.csv",)),
-        Step("drift", step_drift, ("attention",), ("stats",), ("drift.csv",)),
-        Step("gates", step_gates, ("localization",), ("stats",), ("gates.csv", "verdict.json")),
-        Step("report", step_report, ("localization", "fidelity", "drift", "gates"), (), ("report.html",)),
-    ]
+def _files(*relative: str) -> Callable[[DiffusionConfig, RunPaths], list[Path]]:
+    return lambda _config, paths: [paths.root / r for r in relative]
+
+
+def _variant_folders(config: DiffusionConfig, paths: RunPaths) -> list[Path]:
+    return [model_dir(paths, v) for v in config.train.variants]
+
+
+def _sample_files(config: DiffusionConfig, paths: RunPaths) -> list[Path]:
+    return [paths.root / "fidelity.csv", paths.root / "fidelity_classes.csv", paths.root / "samples"]
+
+
+class DiffusionJob:
+    """One run of the study: the steps (``evidrift.core.steps``) over a shared in-memory cache of the image
+    sets. Every step is rank 0's work (other ranks of a torchrun launch return at once)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, Any] = {}
+
+    def _bind(self, fn: Callable[[DiffusionConfig, RunPaths, dict[str, Any]], None]) -> Callable[..., None]:
+        def run(config: DiffusionConfig, paths: RunPaths, ctx: Context) -> None:
+            if ctx.is_main:
+                fn(config, paths, self.cache)
+
+        return run
+
+    def steps(self) -> list[Step[DiffusionConfig]]:
+        """The steps in order: name, run, the steps each reads, the config keys its hash covers, outputs."""
+        model_keys = ("model", "unet", "text", "train")
+        b = self._bind
+        return [
+            Step("data", b(step_data), (), ("data",), outputs=_files(*(f"data/{n}.npz" for n in SET_NAMES))),
+            Step(
+                "text_encoder",
+                b(step_text_encoder),
+                ("data",),
+                ("model", "text", "train.seed", "train.batch_size"),
+                outputs=_files("models/text_encoder", "models/losses.json"),
+            ),
+            Step("base", b(step_base), ("text_encoder",), model_keys, outputs=_files("models/base")),
+            Step(
+                "finetune",
+                b(step_finetune),
+                ("base",),
+                model_keys,
+                outputs=_variant_folders,
+                clear_on_change=True,  # a variant finished under another config must not be resumed
+            ),
+            Step(
+                "fidelity",
+                b(step_fidelity),
+                ("finetune",),
+                ("fidelity", "stats"),
+                outputs=_sample_files,
+                clear_on_change=True,  # sampling is the costliest step after training: before the cheap ones
+            ),
+            Step(
+                "attention",
+                b(step_attention),
+                ("finetune",),
+                ("attention",),
+                outputs=_files(f"maps/{ARCH}"),
+                clear_on_change=True,
+            ),
+            Step(
+                "localization",
+                b(step_localization),
+                ("attention",),
+                ("stats",),
+                outputs=_files(
+                    "localization_images.csv",
+                    "localization.csv",
+                    "localization_timestep.csv",
+                    "localization_layer.csv",
+                ),
+            ),
+            Step("drift", b(step_drift), ("attention",), ("stats",), outputs=_files("drift.csv")),
+            Step(
+                "gates",
+                b(step_gates),
+                ("localization",),
+                ("stats",),
+                outputs=_files("gates.csv", "verdict.json"),
+            ),
+            Step(
+                "report",
+                b(step_report),
+                ("localization", "fidelity", "drift", "gates"),
+                (),
+                outputs=_files("report.html", "figures"),
+            ),
+        ]
+
+
+def study_steps() -> list[Step[DiffusionConfig]]:
+    """The study's steps (of a fresh ``DiffusionJob``)."""
+    return DiffusionJob().steps()
 
 
 def run_study(
     config: DiffusionConfig,
     out: str | Path,
-    force: tuple[str, ...] | list[str] = (),
+    force: Sequence[str] = (),
     until: str | None = None,
-    log: Any = print,
+    log: Callable[[str], None] | None = print,
 ) -> RunPaths:
-    """Run (or resume) the study into ``out``; writes ``diffusion_config.json`` (the resolved section)."""
-    from evidrift.studies.diffusion.config import config_dict
-    from evidrift.studies.diffusion.steps import run_steps
-
+    """Run (or resume) the study into ``out`` on ``evidrift.core.steps.run_steps`` (``--force STEP`` redoes
+    it and every later step, ``--until STEP`` stops after it); writes ``diffusion_config.json``."""
     paths = RunPaths.at(out)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    ctx = distributed.setup(config.device)
+    if ctx.is_main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(paths.root / "diffusion_config.json", config_dict(config))
     quiet_hub_logging()
-    write_json_atomic(paths.root / "diffusion_config.json", config_dict(config))
-    run_steps(study_steps(), config, paths, force=force, until=until, log=log)
+    run_steps(DiffusionJob().steps(), config, paths, ctx, force=force, until=until, echo=log)
     return paths
