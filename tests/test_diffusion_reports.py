@@ -124,3 +124,33 @@ def test_local_model_folder_round_trip(tmp_path):
     with pytest.raises(ModelFolderError, match="text_encoder"):
         (tmp_path / "partial" / "unet").mkdir(parents=True)
         load_model_folder(tmp_path / "partial")
+
+
+def test_frechet_distance_and_kid_on_known_gaussians():
+    from evidrift.studies.diffusion.fidelity import frechet_distance, kernel_inception_distance, real_floor
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 2))
+    b = rng.normal(size=(4000, 2)) + np.array([3.0, 0.0])
+    # two unit Gaussians 3 apart: FD = |μa − μb|² = 9 (covariance terms cancel)
+    assert frechet_distance(a, b) == pytest.approx(9.0, abs=0.3)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    same, _ = kernel_inception_distance(a, a[::-1].copy(), subset_size=200, subsets=5)
+    far, _ = kernel_inception_distance(a, b, subset_size=200, subsets=5)
+    assert abs(same) < 0.05 < far
+    assert set(real_floor(a, 100, 50)) == {"fd", "kid", "kid_std"}
+
+
+@pytest.mark.integration
+def test_inception_features_from_a_local_weights_file(tmp_path):
+    from torchvision.models import inception_v3
+
+    from evidrift.studies.diffusion.fidelity import inception_features
+
+    torch.manual_seed(0)
+    torch.save(
+        inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "inc.pt"
+    )
+    images = torch.rand(2, 32, 32)
+    feats = inception_features(tmp_path / "inc.pt", images)
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
