@@ -28,7 +28,8 @@ class DiffusionConfigError(ConfigError):
 class DataSection(Section):
     """Phantom images for the study: a base set (pretraining), a fine-tune set and a test set, all rendered
     at ``size`` px from their own seeds; ``marker`` is the probability of a planted marker (named in the
-    report) in the base and fine-tune sets; every test image of a lesion class carries one."""
+    report) in the base and fine-tune sets; half the test images carry one (alternate class cycles, see
+    ``studies.diffusion.data``)."""
 
     size: Annotated[int, Field(ge=16, le=512)] = 32
     n_base: Annotated[int, Field(ge=10)] = 400
