@@ -67,6 +67,9 @@ def test_quick_preset_writes_every_table(quick_run):
     fidelity = pd.read_csv(out / "fidelity.csv")
     assert list(fidelity["model"]) == [*models, "real"]
     assert fidelity["fd"].notna().all() and (fidelity["fd"] >= -1e-6).all()
+    generated = fidelity[fidelity["model"] != "real"]
+    assert generated[["fd_ci_low", "fd_ci_high", "accuracy_ci_low", "accuracy_ci_high"]].notna().all().all()
+    assert (generated["fd_ci_low"] <= generated["fd_ci_high"]).all()
     drift = pd.read_csv(out / "drift.csv")
     assert set(drift["model"]) == set(config.train.variants)
     assert drift[["mean", "floor_mean"]].notna().all().all()

@@ -413,6 +413,8 @@ def _prompts(config: DiffusionConfig, finetune: ImageSet) -> tuple[list[str], li
 
 
 def step_fidelity(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -> None:
+    from evidrift.stats import bootstrap_ci
+
     finetune, base, test = (load_set(paths, n, ctx) for n in ("finetune", "base", "test"))
     class_index = {c: i for i, c in enumerate(CLASSES)}
     classifier = fid.train_feature_classifier(
@@ -467,11 +469,27 @@ def step_fidelity(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any])
             "model": name,
             "n_generated": n_gen,
             "fd": fid.frechet_distance(feats, real),
+            **dict(
+                zip(
+                    ("fd_ci_low", "fd_ci_high"),
+                    fid.frechet_bootstrap_ci(feats, real, config.stats.n_boot // 5, seed=config.stats.seed),
+                    strict=True,
+                )
+            ),
             "fd_floor": floor["fd"],
             "kid": kid,
             "kid_std": kid_std,
             "kid_floor": floor["kid"],
             "accuracy": float((predicted == truth).mean()),
+            **dict(
+                zip(
+                    ("accuracy_ci_low", "accuracy_ci_high"),
+                    bootstrap_ci(
+                        (predicted == truth).astype(float), config.stats.n_boot, seed=config.stats.seed
+                    ),
+                    strict=True,
+                )
+            ),
             "real_accuracy": real_accuracy,
         }
         diversity = []

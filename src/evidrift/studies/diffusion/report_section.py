@@ -49,7 +49,8 @@ def tradeoff_figure(loc: pd.DataFrame, fidelity: pd.DataFrame, variants: list[st
     """x: localization (``PRIMARY_METRIC`` of the query word's map), y: Fréchet distance; arrows base →
     variant."""
     query = loc[(loc["kind"] == "query") & (loc["metric"] == PRIMARY_METRIC)].set_index("model")
-    fd = fidelity.set_index("model")[FIDELITY_METRIC]
+    by_model = fidelity.set_index("model")
+    fd = by_model[FIDELITY_METRIC]
     with F.style():
         fig, ax = F.plt.subplots(figsize=(5.2, 3.8))
         models = ["base", *variants]
@@ -59,8 +60,19 @@ def tradeoff_figure(loc: pd.DataFrame, fidelity: pd.DataFrame, variants: list[st
                 continue
             x, y = float(query.loc[model, "mean"]), float(fd.loc[model])
             low, high = float(query.loc[model, "ci_low"]), float(query.loc[model, "ci_high"])
+            yerr = None
+            if {"fd_ci_low", "fd_ci_high"} <= set(by_model.columns):
+                fd_low, fd_high = (float(by_model.loc[model, c]) for c in ("fd_ci_low", "fd_ci_high"))
+                yerr = [[y - fd_low], [fd_high - y]]
             ax.errorbar(
-                [x], [y], xerr=[[x - low], [high - x]], fmt="o", color=colors[model], label=model, capsize=3
+                [x],
+                [y],
+                xerr=[[x - low], [high - x]],
+                yerr=yerr,
+                fmt="o",
+                color=colors[model],
+                label=model,
+                capsize=3,
             )
             if model != "base" and "base" in query.index:
                 bx, by = float(query.loc["base", "mean"]), float(fd.loc["base"])
