@@ -1,7 +1,8 @@
 """Localization of attention maps against the lesion masks (DESIGN § 6 metrics, ``evidrift.metrics``).
 
 ``localization_rows`` scores maps [N, S, S] against masks [N, S, S] with the project's functions (as
-``evidrift.study.localization_table`` calls them): pointing game, energy pointing game, mask IoU@0.2, pixel
+``evidrift.studies.drift.localization.localization_table`` calls them): pointing game, energy pointing
+game, mask IoU@0.2, pixel
 AUROC, CNR, the GMM IoU / mIoU / box IoU of chest-distillation, and box IoU@0.5 against the mask's bounding
 box. Images of the ``normal`` class (empty mask) are left out by the caller. ``summary`` gives per group and
 metric n, mean and the seeded percentile-bootstrap CI (``evidrift.stats.describe``).
