@@ -25,7 +25,8 @@ def diffusion(
     study: Annotated[Path | None, typer.Argument(help="study file with a `diffusion:` section")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="the quick preset (tests, < 2 min)")] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="run directory (default: output.dir or runs/diffusion)")
+        Path | None,
+        typer.Option("--out", help="run directory (default: {output.dir}/diffusion, else runs/diffusion)"),
     ] = None,
     force: Annotated[
         list[str] | None, typer.Option("--force", help="redo this step and every later step (or all)")
@@ -48,7 +49,10 @@ def diffusion(
         config, configured_out = preset("quick" if quick else "default"), None
     else:
         config, configured_out = load_diffusion(study)
-    paths = run_study(config, out or configured_out or DEFAULT_OUT, force=force or (), until=until, log=_echo)
+    # a study file's output.dir is shared with its other studies: the diffusion study gets its own folder there
+    # (its step names, e.g. data and report, and report.html would collide with the drift study's)
+    run_dir = out or (configured_out / "diffusion" if configured_out is not None else DEFAULT_OUT)
+    paths = run_study(config, run_dir, force=force or (), until=until, log=_echo)
     verdict = paths.root / "verdict.json"
     if verdict.is_file():
         record = json.loads(verdict.read_text(encoding="utf-8"))
