@@ -49,7 +49,7 @@ def diffusion(
         config, configured_out = preset("quick" if quick else "default"), None
     else:
         config, configured_out = load_diffusion(study)
-    # a study file's output.dir is shared with its other studies: the diffusion study gets its own folder there
+    # a study file's output.dir is shared with its other studies: the diffusion study gets a folder there
     # (its step names, e.g. data and report, and report.html would collide with the drift study's)
     run_dir = out or (configured_out / "diffusion" if configured_out is not None else DEFAULT_OUT)
     paths = run_study(config, run_dir, force=force or (), until=until, log=_echo)
