@@ -133,6 +133,11 @@ def test_command_exits_2_on_a_bad_section(tmp_path):
         app, ["diffusion", "--quick", "--until", "nope", "--out", str(tmp_path / "r")]
     )
     assert result.exit_code == 2 and "nope" in result.output
+    good = tmp_path / "good.yaml"
+    good.write_text("output:\n  dir: shared\ndiffusion:\n  preset: quick\n")
+    result = CliRunner().invoke(app, ["diffusion", str(good), "--until", "data"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "shared" / "diffusion" / "data" / "test.npz").is_file()  # its own folder in output.dir
 
 
 def test_a_local_model_folder_is_the_base_model(tmp_path):
