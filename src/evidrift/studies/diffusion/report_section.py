@@ -154,7 +154,7 @@ def samples_figure(paths: RunPaths, models: list[str], per_class: int = 4) -> An
                 chosen = [i for i, lab in enumerate(labels) if lab == label][:per_class]
                 tiles.append(np.concatenate([images[i] for i in chosen], axis=1))
             axes[r, 0].imshow(np.concatenate(tiles, axis=1), cmap="gray", vmin=0, vmax=1)
-            axes[r, 0].set_ylabel(model, fontsize=7)
+            axes[r, 0].set_ylabel(model, fontsize=6, rotation=0, ha="right", va="center")
             axes[r, 0].set_xticks([])
             axes[r, 0].set_yticks([])
         axes[0, 0].set_title(
