@@ -142,6 +142,7 @@ def test_frechet_distance_and_kid_on_known_gaussians():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_inception_features_from_a_local_weights_file(tmp_path):
     from torchvision.models import inception_v3
 

@@ -42,6 +42,7 @@ def quick_run(tmp_path_factory):
     return out, messages
 
 
+@pytest.mark.slow  # the quick preset end to end: ~30-40 s of CPU (make test-fast skips it)
 def test_quick_preset_writes_every_table(quick_run):
     out, _ = quick_run
     for name in TABLES:
@@ -75,6 +76,7 @@ def test_quick_preset_writes_every_table(quick_run):
     assert drift[["mean", "floor_mean"]].notna().all().all()
 
 
+@pytest.mark.slow  # the quick preset end to end: ~30-40 s of CPU (make test-fast skips it)
 def test_quick_preset_computes_the_gates(quick_run):
     out, _ = quick_run
     gates = pd.read_csv(out / "gates.csv")
@@ -89,6 +91,7 @@ def test_quick_preset_computes_the_gates(quick_run):
     assert (verdict["verdict"] == "conclusive") == gates["passed"].all()
 
 
+@pytest.mark.slow  # the quick preset end to end: ~30-40 s of CPU (make test-fast skips it)
 def test_quick_preset_resumes(quick_run):
     out, _ = quick_run
     messages: list[str] = []
@@ -140,6 +143,7 @@ def test_command_exits_2_on_a_bad_section(tmp_path):
     assert (tmp_path / "shared" / "diffusion" / "data" / "test.npz").is_file()  # its own folder in output.dir
 
 
+@pytest.mark.slow
 def test_a_local_model_folder_is_the_base_model(tmp_path):
     """``diffusion.model: <folder>``: the base model and text encoder come from the folder (no training)."""
     from evidrift.data.reports import WordTokenizer
