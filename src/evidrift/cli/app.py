@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from evidrift.cli import compare, probe, steps, study
+from evidrift.cli import compare, diffusion, probe, steps, study
 from evidrift.cli.output import console, user_errors
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ COMMANDS = (
     study.report,
     probe.probe,
     probe.sanity,
+    diffusion.diffusion,
 )
 for command in COMMANDS:
     app.command()(user_errors(command))
