@@ -131,7 +131,7 @@ class TrainConfig(Section):
     num_workers: Annotated[int, Field(ge=0)] = 0
     deterministic: bool = True
     #: ``auto``: bf16 autocast + channels-last where the device computes bf16 natively, else fp32
-    #: (``evidrift.precision``); explanations, test evaluation and metrics always run in fp32.
+    #: (``classifier.precision``); explanations, test evaluation and metrics always run in fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     stage0: StageConfig = StageConfig(**STAGE_DEFAULTS["stage0"])
     stage1: StageConfig = StageConfig(**STAGE_DEFAULTS["stage1"])

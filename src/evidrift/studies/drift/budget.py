@@ -73,7 +73,7 @@ def estimate_cpu_seconds(config: StudyConfig, threads: int = 1, bf16: bool = Tru
                 seconds += (n_train + n_val) * pixels / infer_rate
                 continue
             seconds += cfg.epochs * (n_train * pixels / train_rate + n_val * pixels / infer_rate)
-        # evaluation and CAMs run in fp32 whatever the training precision (evidrift.precision)
+        # evaluation and CAMs run in fp32 whatever the training precision (classifier.precision)
         pixels, fp32 = side * side, 1e6 / rate.fp32_slowdown
         seconds += 2 * test * pixels / (rate.infer * fp32)  # evaluate: both stages
         seconds += 2 * test * pixels / (rate.train * fp32)  # explain: both stages
