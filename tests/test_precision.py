@@ -13,8 +13,9 @@ import evidrift  # noqa: F401  (before timm)
 from evidrift.classifier import models, precision
 from evidrift.classifier.config import StageConfig
 from evidrift.classifier.feeds import ImageFeed
+from evidrift.classifier.loop import FitOptions, StageFiles, Trainee, fit, full_batches
 from evidrift.classifier.precision import Precision, PrecisionError, resolve_precision
-from evidrift.classifier.training import FitOptions, StageFiles, Trainee, fit, full_batches, stage_hash
+from evidrift.classifier.training import stage_hash
 from evidrift.classifier.weight_change import relative_change, stage_weight_change
 from evidrift.core.config import ConfigError
 from evidrift.core.distributed import Context

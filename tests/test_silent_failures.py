@@ -247,7 +247,7 @@ def test_stage2_keeps_batchnorm_statistics_by_default() -> None:
 
 
 def test_divergence_rule() -> None:
-    from evidrift.classifier.training import TrainState, divergence
+    from evidrift.classifier.loop import TrainState, divergence
 
     def record(train: float, val: float, auroc: list[float] | None = None) -> dict[str, Any]:
         return {"train_loss": train, "val_loss": val, "val_auroc": [0.5] if auroc is None else auroc}
@@ -287,7 +287,7 @@ def test_a_diverging_stage_stops_naming_epoch_loss_and_settings_keeping_the_last
     tmp_path: Path,
 ) -> None:
     from evidrift.classifier.feeds import TensorFeed
-    from evidrift.classifier.training import (
+    from evidrift.classifier.loop import (
         FitOptions,
         StageFiles,
         Trainee,

@@ -23,16 +23,9 @@ from evidrift.classifier.config import HeadConfig, StageConfig
 from evidrift.classifier.evaluate import evaluate_study
 from evidrift.classifier.feeds import ImageFeed, TensorFeed
 from evidrift.classifier.freezing import freeze_backbone
-from evidrift.classifier.training import (
-    FitOptions,
-    StageFiles,
-    Trainee,
-    compute_loss,
-    fit,
-    improved,
-    lr_at,
-    train_study,
-)
+from evidrift.classifier.loop import FitOptions, StageFiles, Trainee, fit
+from evidrift.classifier.schedule import compute_loss, improved, lr_at
+from evidrift.classifier.training import train_study
 from evidrift.core.distributed import Context, epoch_batches
 from evidrift.core.io import read_jsonl
 from evidrift.core.paths import RunPaths

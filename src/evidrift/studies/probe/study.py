@@ -63,14 +63,8 @@ from evidrift.cam.methods import method_spec, resolve_method
 from evidrift.classifier import models
 from evidrift.classifier.config import HeadConfig, ModelConfig
 from evidrift.classifier.freezing import freeze_backbone
-from evidrift.classifier.training import (
-    determinism,
-    image_size_for,
-    lr_at,
-    stage_hash,
-    train_stage,
-    uses_stage0,
-)
+from evidrift.classifier.schedule import lr_at
+from evidrift.classifier.training import determinism, image_size_for, stage_hash, train_stage, uses_stage0
 from evidrift.core.config import ConfigError
 from evidrift.core.distributed import Context
 from evidrift.core.errors import DataError, UsageError

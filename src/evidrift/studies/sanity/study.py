@@ -401,7 +401,8 @@ def sanity_checkpoint(
     """The checkpoint the sanity checks explain: the run's stage 2 when trained with this config, else
     stage 1; when neither is, stages 0 (if needed) and 1 are trained first (``train.train_study``;
     resumable)."""
-    from evidrift.classifier.training import StageFiles, stage_done, stage_hash, train_study
+    from evidrift.classifier.loop import StageFiles
+    from evidrift.classifier.training import stage_done, stage_hash, train_study
 
     for stage in ("2", "1"):
         if stage_done(StageFiles.of(paths, model_cfg.key, stage), stage_hash(config, model_cfg, stage)):
