@@ -25,10 +25,16 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention, AttentionProcessor
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 
 @dataclass
@@ -52,7 +58,7 @@ class CaptureProcessor:
 
     def __call__(
         self,
-        attn: torch.nn.Module,
+        attn: Attention,
         hidden_states: Tensor,
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
@@ -70,7 +76,13 @@ class CaptureProcessor:
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        # diffusers annotates the mask as Tensor, but the method returns None for None (as AttnProcessor
+        # itself calls it)
+        attention_mask = attn.prepare_attention_mask(
+            attention_mask,  # type: ignore[arg-type]
+            sequence_length,
+            batch_size,
+        )
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -99,24 +111,26 @@ class CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def cross_attention_names(unet: torch.nn.Module) -> list[str]:
+def cross_attention_names(unet: UNet2DConditionModel) -> list[str]:
     """Processor keys of the UNet's cross-attention layers (``...attn2.processor``), in module order."""
     return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
 
 
 @contextmanager
-def capture_cross_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
+def capture_cross_attention(unet: UNet2DConditionModel) -> Iterator[AttentionStore]:
     """Within the block every cross-attention layer of ``unet`` records into the yielded store (keys: layer
     names without ``.processor``); the original processors are restored on exit, also after an exception."""
     original = dict(unet.attn_processors)
     store = AttentionStore()
-    replaced = dict(original)
+    replaced: dict[str, AttentionProcessor | CaptureProcessor] = dict(original)
     names = cross_attention_names(unet)
     if not names:
         raise ValueError("the UNet has no cross-attention layers (attn2); nothing to capture")
     for name in names:
         replaced[name] = CaptureProcessor(name.removesuffix(".processor"), store)
-    unet.set_attn_processor(replaced)  # set_attn_processor pops from the dict it is given: pass copies
+    # set_attn_processor pops from the dict it is given: pass copies. diffusers types the argument as its own
+    # processor classes only, though it accepts any processor callable (custom processors are documented).
+    unet.set_attn_processor(replaced)  # type: ignore[arg-type]
     try:
         yield store
     finally:
@@ -165,8 +179,8 @@ class CapturedMaps:
 
 @torch.no_grad()
 def capture_maps(
-    unet: torch.nn.Module,
-    scheduler: object,
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
     images: Tensor,
     states: Tensor,
     ids: Sequence[str],
@@ -184,7 +198,9 @@ def capture_maps(
         for t in timesteps:
             noise = seeded_noise(images.shape[1:], seed, ids, int(t)).to(device)
             steps = torch.full((images.shape[0],), int(t), dtype=torch.long, device=device)
-            noisy = scheduler.add_noise(images, noise, steps)
+            # diffusers annotates timesteps as torch.IntTensor (int32) but indexes with any integer tensor;
+            # its own training examples pass int64 as here
+            noisy = scheduler.add_noise(images, noise, steps)  # type: ignore[arg-type]
             store.clear()
             unet(noisy, steps, encoder_hidden_states=states)
             layers = tuple(store.maps)

@@ -18,7 +18,8 @@ from pydantic import Field, field_validator, model_validator
 
 from evidrift.core.config import ConfigError, Section, validate_model
 
-VARIANTS = ("frozen", "learnable", "cross_attention")
+Variant = Literal["frozen", "learnable", "cross_attention"]
+VARIANTS: tuple[Variant, ...] = ("frozen", "learnable", "cross_attention")
 
 
 class DiffusionConfigError(ConfigError):
@@ -90,9 +91,7 @@ class TrainSection(Section):
     text_lr: Annotated[float, Field(gt=0)] | None = None
     ucg: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     train_timesteps: Annotated[int, Field(ge=10)] = 1000
-    variants: Annotated[list[Literal["frozen", "learnable", "cross_attention"]], Field(min_length=1)] = list(
-        VARIANTS
-    )
+    variants: Annotated[list[Variant], Field(min_length=1)] = list(VARIANTS)
     seed: int = 0
 
 

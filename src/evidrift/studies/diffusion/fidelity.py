@@ -151,7 +151,7 @@ def ssim_diversity(images: Tensor) -> float:
 def inception_features(weights: str | os.PathLike[str], images: Tensor, batch_size: int = 16) -> np.ndarray:
     """2048-d pool features float64 [N, 2048] of ``images`` [N, S, S] in [0, 1] with torchvision's
     ``inception_v3`` loaded from a local state-dict file (``weights_only=True``)."""
-    from torchvision.models import inception_v3
+    from torchvision.models import inception_v3  # type: ignore[import-untyped]  # torchvision has no py.typed
 
     model = inception_v3(weights=None, aux_logits=True, init_weights=False)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

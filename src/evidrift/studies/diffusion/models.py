@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -24,17 +25,28 @@ from evidrift.core.errors import EvidriftError
 from evidrift.data.reports import WordTokenizer
 from evidrift.studies.diffusion.config import DiffusionConfig
 
+if TYPE_CHECKING:
+    # The classes' own modules: under TYPE_CHECKING ``from diffusers import X`` resolves to diffusers' dummy
+    # placeholder objects (diffusers/utils/dummy_pt_objects.py), which have none of the real attributes.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from transformers import CLIPTextModel
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 class ModelFolderError(EvidriftError, ValueError):
     """A ``diffusion.model`` folder that cannot be loaded; the message names the folder and what is
     missing."""
 
 
-def build_unet(config: DiffusionConfig) -> torch.nn.Module:
+def build_unet(config: DiffusionConfig) -> UNet2DConditionModel:
     """``UNet2DConditionModel`` for [N, 1, size, size] images in [-1, 1] conditioned on [N, L, text.hidden]
     token states. Heads per attention block = block channels / ``unet.head_dim`` (diffusers' legacy
     ``attention_head_dim`` argument of this class is the number of heads)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     channels = tuple(config.unet.channels)
     n = len(channels)
@@ -53,7 +65,7 @@ def build_unet(config: DiffusionConfig) -> torch.nn.Module:
     )
 
 
-def build_text_encoder(config: DiffusionConfig, tokenizer: WordTokenizer) -> torch.nn.Module:
+def build_text_encoder(config: DiffusionConfig, tokenizer: WordTokenizer) -> CLIPTextModel:
     """``CLIPTextModel`` from a ``CLIPTextConfig`` sized by ``config.text`` over ``tokenizer``'s
     vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -73,9 +85,10 @@ def build_text_encoder(config: DiffusionConfig, tokenizer: WordTokenizer) -> tor
     return CLIPTextModel(clip_config)
 
 
-def build_schedulers(config: DiffusionConfig) -> tuple[object, object]:
+def build_schedulers(config: DiffusionConfig) -> tuple[DDPMScheduler, DDIMScheduler]:
     """(DDPMScheduler for training, DDIMScheduler with the same betas for sampling)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
     ddpm = DDPMScheduler(
         num_train_timesteps=config.train.train_timesteps, beta_schedule="squaredcos_cap_v2", clip_sample=True
@@ -83,10 +96,17 @@ def build_schedulers(config: DiffusionConfig) -> tuple[object, object]:
     return ddpm, DDIMScheduler.from_config(ddpm.config)
 
 
-def text_states(text_encoder: torch.nn.Module, ids: Tensor) -> Tensor:
+def text_states(text_encoder: CLIPTextModel, ids: Tensor) -> Tensor:
     """Last hidden states float32 [N, L, hidden] of token ids int64 [N, L] (pad positions masked out of the
     encoder's attention)."""
     return text_encoder(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+
+
+def to_device(module: ModuleT, device: torch.device) -> ModuleT:
+    """``module.to(device)`` typed as returning ``module``'s own class. (diffusers' ``ModelMixin.to`` and
+    transformers' ``PreTrainedModel.to`` are decorated with ``functools.wraps(nn.Module.to)``, which makes
+    type checkers see an unbound function; the call here still dispatches to those overrides.)"""
+    return module.to(device)
 
 
 class SmallImageEncoder(nn.Module):
@@ -116,7 +136,10 @@ class SmallImageEncoder(nn.Module):
 
 
 def save_model_folder(
-    folder: str | os.PathLike[str], unet: nn.Module, text_encoder: nn.Module, scheduler: object
+    folder: str | os.PathLike[str],
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
 ) -> Path:
     """Write ``unet/``, ``text_encoder/`` and ``scheduler/`` under ``folder`` (safetensors weights)."""
     root = Path(folder)
@@ -126,11 +149,14 @@ def save_model_folder(
     return root
 
 
-def load_model_folder(folder: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module, object]:
+def load_model_folder(
+    folder: str | os.PathLike[str],
+) -> tuple[UNet2DConditionModel, CLIPTextModel, DDPMScheduler]:
     """(UNet2DConditionModel, CLIPTextModel, DDPMScheduler) from a local Stable-Diffusion-style folder, with
     ``local_files_only=True`` (never a download). The UNet must work in pixel space on one channel (a
     folder with a ``vae/`` latent model is not supported by this study)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
     from transformers import CLIPTextModel
 
     root = Path(folder)

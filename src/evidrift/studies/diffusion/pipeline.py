@@ -23,7 +23,7 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -52,9 +52,15 @@ from evidrift.studies.diffusion.models import (
     quiet_hub_logging,
     save_model_folder,
     text_states,
+    to_device,
 )
 from evidrift.studies.diffusion.sampling import sample_images
 from evidrift.studies.diffusion.training import mean_loss, pretrain_text_encoder, train_diffusion
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from transformers import CLIPTextModel
 
 ARCH = "diffusion"  # the maps store's "arch" level for this study
 RANDOM = "random_unet"
@@ -78,7 +84,9 @@ def model_dir(paths: RunPaths, name: str) -> Path:
     return paths.root / "models" / name
 
 
-def save_folder_atomic(folder: Path, unet: torch.nn.Module, text: torch.nn.Module, scheduler: object) -> None:
+def save_folder_atomic(
+    folder: Path, unet: UNet2DConditionModel, text: CLIPTextModel, scheduler: DDPMScheduler
+) -> None:
     """save_pretrained into a temporary sibling folder, then rename it onto ``folder``."""
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,7 +118,8 @@ def step_data(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -> 
     for name in SET_NAMES:
         image_set = render_set(config.data, name)
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **image_set.arrays())
+        # allow_pickle: numpy's default, spelled out so that the **arrays cannot be taken for it (numpy stubs)
+        np.savez_compressed(buffer, allow_pickle=True, **image_set.arrays())
         write_bytes_atomic(paths.root / "data" / f"{name}.npz", buffer.getvalue())
         ctx[f"set:{name}"] = image_set
 
@@ -141,7 +150,7 @@ def step_text_encoder(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, A
     tmp.rename(folder)
 
 
-def _load_text(paths: RunPaths, name: str = "text_encoder") -> torch.nn.Module:
+def _load_text(paths: RunPaths, name: str = "text_encoder") -> CLIPTextModel:
     from transformers import CLIPTextModel
 
     folder = model_dir(paths, name) if name == "text_encoder" else model_dir(paths, name) / "text_encoder"
@@ -159,7 +168,7 @@ def step_base(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -> 
         unet = build_unet(config)
         scheduler, _ = build_schedulers(config)
         base = load_set(paths, "base", ctx)
-        unet, text = unet.to(device_of(config)), text.to(device_of(config))
+        unet, text = to_device(unet, device_of(config)), to_device(text, device_of(config))
         losses = train_diffusion(
             unet,
             text,
@@ -187,7 +196,7 @@ def step_finetune(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any])
         if (folder / "unet").is_dir() and (folder / ".complete").is_file():
             continue  # resumed: this variant finished before an interruption
         unet, text, scheduler = load_model_folder(model_dir(paths, "base"))
-        unet, text = unet.to(device_of(config)), text.to(device_of(config))
+        unet, text = to_device(unet, device_of(config)), to_device(text, device_of(config))
         losses = train_diffusion(
             unet,
             text,
@@ -209,14 +218,14 @@ def step_finetune(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any])
 
 def _load_model(
     config: DiffusionConfig, paths: RunPaths, name: str
-) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+) -> tuple[UNet2DConditionModel, CLIPTextModel, DDPMScheduler]:
     if name == RANDOM:
         torch.manual_seed(config.train.seed + 12345)
         unet = build_unet(config).eval()
         scheduler, _ = build_schedulers(config)
-        return unet.to(device_of(config)), _load_text(paths).to(device_of(config)), scheduler
+        return to_device(unet, device_of(config)), to_device(_load_text(paths), device_of(config)), scheduler
     unet, text, scheduler = load_model_folder(model_dir(paths, name))
-    return unet.eval().to(device_of(config)), text.eval().to(device_of(config)), scheduler
+    return to_device(unet.eval(), device_of(config)), to_device(text.eval(), device_of(config)), scheduler
 
 
 def _short_layer(name: str) -> str:
@@ -232,15 +241,15 @@ def _short_layer(name: str) -> str:
 
 def capture_model(
     config: DiffusionConfig,
-    unet: torch.nn.Module,
-    text: torch.nn.Module,
-    scheduler: object,
+    unet: UNet2DConditionModel,
+    text: CLIPTextModel,
+    scheduler: DDPMScheduler,
     test: ImageSet,
     twins: bool,
     seed: int,
-) -> dict[str, torch.Tensor | list[str]]:
-    """Word maps of one model on the test set: ``query``/``marker``/``start`` float32 [N, L, T, S, S], and
-    ``twin`` (query word on the twins) when ``twins``; ``layers`` (short names)."""
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Word maps of one model on the test set: (``query``/``marker``/``start`` float32 [N, L, T, S, S], and
+    ``twin`` (query word on the twins) when ``twins``; the layers' short names, in the maps' L order)."""
     tokenizer = tokenizer_for(config)
     ids = torch.from_numpy(tokenizer.encode_batch(test.reports))
     positions = {
@@ -288,9 +297,7 @@ def capture_model(
                 config.attention.map_size,
             )
             out["twin"].append(att.word_maps(twin_captured, weights["query"][sl]))
-    result: dict[str, Any] = {k: torch.cat(v) for k, v in out.items()}
-    result["layers"] = [_short_layer(name) for name in layers]
-    return result
+    return {k: torch.cat(v) for k, v in out.items()}, [_short_layer(name) for name in layers]
 
 
 def step_attention(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]) -> None:
@@ -298,8 +305,7 @@ def step_attention(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]
     seed = config.attention.noise_seed
     for name in [*models_scored(config), RANDOM]:
         unet, text, scheduler = _load_model(config, paths, name)
-        maps = capture_model(config, unet, text, scheduler, test, twins=name != RANDOM, seed=seed)
-        layers = maps.pop("layers")
+        maps, layers = capture_model(config, unet, text, scheduler, test, twins=name != RANDOM, seed=seed)
         extra = {"layers": json.dumps(layers), "timesteps": json.dumps(config.attention.timesteps)}
         for kind, value in maps.items():
             write_maps_shard(
@@ -323,7 +329,7 @@ def step_attention(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any]
                 paths, ARCH, name, f"query@{layer}", 0, query[:, j].mean(dim=1), test.ids, layer, extra
             )
         if name == "base":  # the noise floor: the same model, another noise seed
-            floor = capture_model(
+            floor, _ = capture_model(
                 config, unet, text, scheduler, test, twins=False, seed=config.attention.floor_seed
             )
             write_maps_shard(
@@ -404,7 +410,8 @@ def step_localization(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, A
 def _prompts(config: DiffusionConfig, finetune: ImageSet) -> tuple[list[str], list[str]]:
     """n_samples reports per class drawn (seeded) from the fine-tune set's reports of that class."""
     rng = np.random.default_rng(config.stats.seed)
-    texts, labels = [], []
+    texts: list[str] = []
+    labels: list[str] = []
     for label in CLASSES:
         pool = [r for r, lab in zip(finetune.reports, finetune.labels, strict=True) if lab == label]
         texts.extend(str(v) for v in rng.choice(pool, size=config.fidelity.n_samples, replace=True))
@@ -434,11 +441,10 @@ def step_fidelity(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any])
     prompt_ids = torch.from_numpy(tokenizer.encode_batch(texts))
     n_gen = len(texts)
     floor = fid.real_floor(real, n_gen, config.fidelity.kid_subset, seed=config.stats.seed)
+    inception_weights = config.fidelity.inception_weights
     inception_real = None
-    if config.fidelity.inception_weights is not None:
-        inception_real = fid.inception_features(
-            config.fidelity.inception_weights, torch.from_numpy(base.images[: 2 * n_gen])
-        )
+    if inception_weights is not None:
+        inception_real = fid.inception_features(inception_weights, torch.from_numpy(base.images[: 2 * n_gen]))
     rows, class_rows = [], []
     for name in models_scored(config):
         unet, text, _ = _load_model(config, paths, name)
@@ -506,9 +512,9 @@ def step_fidelity(config: DiffusionConfig, paths: RunPaths, ctx: dict[str, Any])
                 }
             )
         row["ssim_diversity"] = float(np.nanmean(diversity))
-        if inception_real is not None:
+        if inception_weights is not None and inception_real is not None:
             row["fid_inception"] = fid.frechet_distance(
-                fid.inception_features(config.fidelity.inception_weights, generated), inception_real
+                fid.inception_features(inception_weights, generated), inception_real
             )
         rows.append(row)
     real_div = [

@@ -10,6 +10,7 @@ class × model with the lesion outlined, sample grids per model, localization vs
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,15 @@ def localization_table(loc: pd.DataFrame, metrics: list[str]) -> Table:
     return Table(["model", "map", *metrics], rows, "mean [95 % bootstrap CI] over the lesion test images", 2)
 
 
-def tradeoff_figure(loc: pd.DataFrame, fidelity: pd.DataFrame, variants: list[str]) -> Any:
+def _number(frame: pd.DataFrame, row: str, column: str) -> float:
+    """The cell (``row``, ``column``) of ``frame`` as a float; TypeError when it is not a number."""
+    value = frame.loc[row, column]
+    if not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{column} of {row!r} is {value!r}, not a number")
+    return float(value)
+
+
+def tradeoff_figure(loc: pd.DataFrame, fidelity: pd.DataFrame, variants: Sequence[str]) -> Any:
     """x: localization (``PRIMARY_METRIC`` of the query word's map), y: Fréchet distance; arrows base →
     variant."""
     query = loc[(loc["kind"] == "query") & (loc["metric"] == PRIMARY_METRIC)].set_index("model")
@@ -58,11 +67,11 @@ def tradeoff_figure(loc: pd.DataFrame, fidelity: pd.DataFrame, variants: list[st
         for model in models:
             if model not in query.index or model not in fd.index:
                 continue
-            x, y = float(query.loc[model, "mean"]), float(fd.loc[model])
-            low, high = float(query.loc[model, "ci_low"]), float(query.loc[model, "ci_high"])
+            x, y = _number(query, model, "mean"), float(fd.loc[model])
+            low, high = _number(query, model, "ci_low"), _number(query, model, "ci_high")
             yerr = None
             if {"fd_ci_low", "fd_ci_high"} <= set(by_model.columns):
-                fd_low, fd_high = (float(by_model.loc[model, c]) for c in ("fd_ci_low", "fd_ci_high"))
+                fd_low, fd_high = (_number(by_model, model, c) for c in ("fd_ci_low", "fd_ci_high"))
                 yerr = [[y - fd_low], [fd_high - y]]
             ax.errorbar(
                 [x],
@@ -75,7 +84,7 @@ def tradeoff_figure(loc: pd.DataFrame, fidelity: pd.DataFrame, variants: list[st
                 capsize=3,
             )
             if model != "base" and "base" in query.index:
-                bx, by = float(query.loc["base", "mean"]), float(fd.loc["base"])
+                bx, by = _number(query, "base", "mean"), float(fd.loc["base"])
                 ax.annotate(
                     "", xy=(x, y), xytext=(bx, by), arrowprops={"arrowstyle": "->", "color": colors[model]}
                 )

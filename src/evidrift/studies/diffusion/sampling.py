@@ -7,19 +7,25 @@ one UNet pass per step), η = 0, ``steps`` DDIM steps; the start noise is seeded
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from evidrift.studies.diffusion.models import text_states
 from evidrift.studies.diffusion.training import empty_prompt
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from transformers import CLIPTextModel
+
 
 @torch.no_grad()
 def sample_images(
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    ddim: object,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    ddim: DDIMScheduler,
     ids: Tensor,
     size: int,
     steps: int,
@@ -28,6 +34,8 @@ def sample_images(
     batch_size: int = 32,
 ) -> Tensor:
     """Generated images float32 [N, size, size] in [0, 1] for prompts ``ids`` int64 [N, L]."""
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
     scheduler = copy.deepcopy(ddim)
     scheduler.set_timesteps(steps)
     device = next(unet.parameters()).device
@@ -50,6 +58,11 @@ def sample_images(
                 ).sample
                 eps_u, eps_c = both.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
-            x = scheduler.step(eps, t, x).prev_sample
+            output = scheduler.step(eps, t, x)  # return_dict=True: a DDIMSchedulerOutput
+            if not isinstance(output, DDIMSchedulerOutput):
+                raise TypeError(
+                    f"DDIMScheduler.step returned {type(output).__name__}, not DDIMSchedulerOutput"
+                )
+            x = output.prev_sample
         out.append(((x.clamp(-1, 1) + 1) / 2)[:, 0].cpu())
     return torch.cat(out)

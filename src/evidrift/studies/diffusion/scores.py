@@ -50,7 +50,7 @@ def localization_values(
 ) -> dict[str, Tensor]:
     """Localization metrics (names of ``LOCALIZATION_COLUMNS``) of maps float [N, S, S] vs bool masks
     [N, S, S]: name → float64 [N]. ``box_iou@0.5`` scores against the mask's bounding box."""
-    prepared = AnalysisMaps(maps.float(), tuple(masks.shape[-2:]))
+    prepared = AnalysisMaps(maps.float(), (masks.shape[-2], masks.shape[-1]))
     functions = {
         "pointing_game": lambda: loc.pointing_game(prepared, masks),
         "energy_pointing_game": lambda: loc.energy_pointing_game(prepared, masks),
@@ -74,7 +74,7 @@ def localization_rows(
     ids: Sequence[str],
     labels: Sequence[str],
     metrics: Sequence[str] = LOCALIZATION_COLUMNS,
-    **keys: object,
+    **keys: str | int | float,
 ) -> pd.DataFrame:
     """One row per image: ``keys`` (e.g. model, timestep), id, label and one column per metric."""
     values = localization_values(maps, masks, metrics)
@@ -102,10 +102,10 @@ def summary(
 def mean_mask_prior(masks: np.ndarray, labels: Sequence[str], query_labels: Sequence[str]) -> Tensor:
     """float32 [N, S, S]: for each label of ``query_labels`` the mean of ``masks`` [M, S, S] over the
     training images of that label (zeros when the label has none)."""
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     priors: dict[str, np.ndarray] = {}
     for label in set(query_labels):
-        chosen = masks[labels == label]
+        chosen = masks[label_array == label]
         priors[label] = chosen.mean(axis=0) if len(chosen) else np.zeros(masks.shape[1:])
     return torch.from_numpy(np.stack([priors[label] for label in query_labels]).astype(np.float32))
 

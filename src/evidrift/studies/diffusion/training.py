@@ -16,6 +16,7 @@ variants (DESIGN § 11).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,10 +25,15 @@ from torch import Tensor, nn
 
 from evidrift.studies.diffusion.models import SmallImageEncoder, text_states
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from transformers import CLIPTextModel
+
 VARIANT_KINDS = ("base", "frozen", "learnable", "cross_attention")
 
 
-def pooled_text(text_encoder: nn.Module, ids: Tensor) -> Tensor:
+def pooled_text(text_encoder: CLIPTextModel, ids: Tensor) -> Tensor:
     """Mean of the last hidden states over non-pad tokens: float32 [N, hidden]."""
     states = text_states(text_encoder, ids)
     keep = (ids != 0).float()[..., None]
@@ -35,7 +41,7 @@ def pooled_text(text_encoder: nn.Module, ids: Tensor) -> Tensor:
 
 
 def pretrain_text_encoder(
-    text_encoder: nn.Module,
+    text_encoder: CLIPTextModel,
     images: Tensor,
     ids: Tensor,
     steps: int,
@@ -87,9 +93,9 @@ def empty_prompt(ids: Tensor) -> Tensor:
 
 
 def diffusion_loss(
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    scheduler: object,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
     images: Tensor,
     ids: Tensor,
     ucg: float,
@@ -100,15 +106,18 @@ def diffusion_loss(
     drop = torch.rand(batch, generator=generator) < ucg
     ids = torch.where(drop[:, None], empty_prompt(ids), ids)
     noise = torch.randn(images.shape, generator=generator)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    steps = torch.randint(0, scheduler.config["num_train_timesteps"], (batch,), generator=generator)
     device = next(unet.parameters()).device
-    noisy = scheduler.add_noise(images, noise, steps).to(device)
+    # diffusers annotates timesteps as torch.IntTensor (int32) but indexes with any integer tensor (int64)
+    noisy = scheduler.add_noise(images, noise, steps).to(device)  # type: ignore[arg-type]
     states = text_states(text_encoder, ids.to(device))
     prediction = unet(noisy, steps.to(device), encoder_hidden_states=states).sample
     return F.mse_loss(prediction, noise.to(device))
 
 
-def trainable_parameters(unet: nn.Module, text_encoder: nn.Module, variant: str) -> tuple[list, list]:
+def trainable_parameters(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, variant: str
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(UNet parameters, text-encoder parameters) trained by ``variant``; the rest get requires_grad False."""
     if variant not in VARIANT_KINDS:
         raise ValueError(f"unknown variant {variant!r}; one of {VARIANT_KINDS}")
@@ -125,9 +134,9 @@ def trainable_parameters(unet: nn.Module, text_encoder: nn.Module, variant: str)
 
 
 def train_diffusion(
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    scheduler: object,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
     images: Tensor,
     ids: Tensor,
     variant: str,
