@@ -133,6 +133,14 @@ def test_gridpg_share_in_target_cell() -> None:
         localization.gridpg(x, torch.tensor([4, 0]), n=2)
 
 
+def test_gridpg_stays_in_unit_interval_when_all_mass_is_in_the_target_cell() -> None:
+    torch.manual_seed(0)
+    x = torch.zeros(200, 64, 64)
+    x[:, :32, 32:] = torch.rand(200, 32, 32) * 1e-3  # float32 normalization overshoots 1 for ~half of them
+    got = localization.gridpg(x, torch.ones(200, dtype=torch.long), n=2)
+    assert bool(((got >= 0) & (got <= 1)).all()) and got.min().item() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_degenerate_maps_and_empty_masks_give_nan() -> None:
     x = torch.rand(3, 8, 8)
     x[1] = 0.0

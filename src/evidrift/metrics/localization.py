@@ -230,10 +230,13 @@ def gridpg(maps: MapsLike, target_cell: Tensor, n: int, size: int | tuple[int, i
     target = target_cell.to(m.device).long()
     if ((target < 0) | (target >= n * n)).any():
         raise ValueError(f"target_cell values must be in 0..{n * n - 1} for a {n}×{n} grid")
-    return nan_where(cells.gather(1, target[:, None])[:, 0], m.degenerate)
+    # a share of a sum-to-one map: in [0, 1] exactly; the float32 normalization can overshoot 1 by ~1e-7
+    share = cells.gather(1, target[:, None])[:, 0].clamp(0.0, 1.0)
+    return nan_where(share, m.degenerate)
 
 
-LOCALIZATION_METRICS = {
+#: The localization metrics by name (the drift study's table of names: studies.drift.localization).
+LOCALIZATION_FUNCTIONS = {
     "pointing_game": pointing_game,
     "energy_pointing_game": energy_pointing_game,
     "mask_iou": mask_iou,
