@@ -230,7 +230,8 @@ def gridpg(maps: MapsLike, target_cell: Tensor, n: int, size: int | tuple[int, i
     target = target_cell.to(m.device).long()
     if ((target < 0) | (target >= n * n)).any():
         raise ValueError(f"target_cell values must be in 0..{n * n - 1} for a {n}×{n} grid")
-    return nan_where(cells.gather(1, target[:, None])[:, 0], m.degenerate)
+    share = cells.gather(1, target[:, None])[:, 0].clamp(0.0, 1.0)  # float32 zone sums reach 1 + 1e-7
+    return nan_where(share, m.degenerate)
 
 
 LOCALIZATION_METRICS = {
