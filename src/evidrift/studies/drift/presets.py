@@ -60,7 +60,7 @@ def _default_preset() -> dict[str, Any]:
             "device": "auto",
             "precision": "auto",
             "stage0": {
-                "epochs": 5,
+                "epochs": 3,
                 "lr": 1.5e-3,
                 "batch_size": 16,
                 "monitor": "val_accuracy",
@@ -69,7 +69,7 @@ def _default_preset() -> dict[str, Any]:
             },
             "stage1": {"epochs": 30, "lr": 3e-3, "batch_size": 32, "cache_features": True, "patience": 10},
             "stage2": {
-                "epochs": 5,
+                "epochs": 3,
                 "lr": 4e-4,
                 "batch_size": 16,
                 "warmup_epochs": 1.0,
