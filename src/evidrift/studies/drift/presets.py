@@ -70,7 +70,7 @@ def _default_preset() -> dict[str, Any]:
             "stage1": {"epochs": 30, "lr": 3e-3, "batch_size": 32, "cache_features": True, "patience": 10},
             "stage2": {
                 "epochs": 3,
-                "lr": 4e-4,
+                "lr": 1.5e-4,
                 "batch_size": 16,
                 "warmup_epochs": 1.0,
                 "freeze_batchnorm": True,
