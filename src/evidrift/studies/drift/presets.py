@@ -34,15 +34,13 @@ DEMO_LAYERS = ["default", "spatial"]
 
 
 def _default_preset() -> dict[str, Any]:
-    # Sized by CPU time (bf16 autocast + channels-last where the CPU has native bf16, issue 14): ~1,000
-    # CPU seconds in all. Input sizes give every architecture a 4 x 4 last-stage map (inception_v3 needs
-    # 192 px for that); 5 x 5 (160 / 160 / 208 px) would cost 1.2-1.6x more per image in every stage, which
-    # the budget does not hold. 600 phantoms: a 150-image test split (95% CI of an accuracy near 0.85:
-    # about +-0.06). Stage 0 runs at half the input sides on 1,000 source images for 5 epochs (~280 steps of
-    # batch 16). Stage 2 fine-tunes every weight at lr 4e-4 for 5 epochs with BatchNorm's statistics kept
-    # and a one-epoch warm-up: the standardized stage-1 heads are sharp, so its first epoch loses accuracy
-    # before the backbone adapts (measured on densenet201: validation accuracy 0.72 after stage 1, 0.40
-    # after stage-2 epoch 1, 0.87 after epoch 4 at lr 5e-4); the best epoch by validation macro-F1 is kept.
+    # Sized for <= 10 min on 2 CPU cores with bf16 training (measured in a fresh clone, 2 quiet cores: 8 min
+    # 11 s, 1.87 GB). Input sizes give every architecture a 4 x 4 last-stage map (inception_v3 needs 192 px);
+    # 5 x 5 (160 / 160 / 208 px) costs 1.2-1.6x per image in every stage. 600 phantoms: a 150-image test
+    # split (95% CI of an accuracy near 0.85: about +-0.06). Stage 0 at half the input sides on 1,000 source
+    # images for 3 epochs; stage 2 for 3 epochs at lr 1.5e-4 with BatchNorm's statistics kept. Measured
+    # alternatives: 5 + 5 epochs at lr 4e-4 reach stage-2 accuracy 0.80 / 0.84 / 0.70 but take 13 min 39 s;
+    # 3 epochs at 4e-4 end inside the first fine-tuning epoch's dip (densenet201 0.37, inceptionv3 0.22).
     sizes = {"densenet201": 128, "resnet50v2": 128, "inceptionv3": 192}
     return {
         "seed": 0,
