@@ -321,3 +321,28 @@ def make_synthetic_run(
     ]
     write_csv_atomic(paths.root / "localization_summary.csv", pd.DataFrame(loc_rows))
     return paths
+
+
+class BlobImages(torch.utils.data.Dataset):
+    """Tiny 3-class images: a bright square in the left / middle / right third, noise, seeded flips."""
+
+    def __init__(self, n: int, size: int = 32, seed: int = 0, augment: bool = False) -> None:
+        rng = np.random.default_rng(seed)
+        self.labels = rng.integers(0, 3, n)
+        self.images = rng.normal(0, 0.3, (n, 3, size, size)).astype(np.float32)
+        third = size // 3
+        for i, label in enumerate(self.labels):
+            self.images[i, :, size // 3 : 2 * size // 3, label * third : (label + 1) * third] += 2.0
+        self.seed, self.augment, self.epoch = seed, augment, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        image = torch.from_numpy(self.images[i])
+        if self.augment and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5:
+            image = image.flip(1)  # vertical flip keeps the class
+        return {"image": image, "label": int(self.labels[i]), "id": str(i), "index": i}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evidrift  # noqa: F401  (before timm)
+from builders import BlobImages
 from evidrift.classifier import models, precision
 from evidrift.classifier.config import StageConfig
 from evidrift.classifier.feeds import ImageFeed
@@ -82,27 +83,6 @@ def test_bf16_autocast_and_channels_last_are_scoped() -> None:
 
 
 # --- the bf16 path on a tiny model --------------------------------------------------------------------------
-class Blobs(torch.utils.data.Dataset):
-    """3 classes: a bright square in the left / middle / right third of noise."""
-
-    def __init__(self, n: int, seed: int, size: int = 32) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-        self.images = torch.randn(n, 3, size, size, generator=g) * 0.3
-        third = size // 3
-        for i, label in enumerate(self.labels.tolist()):
-            self.images[i, :, third : 2 * third, label * third : (label + 1) * third] += 2.0
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i], "label": self.labels[i]}
-
-
 def _fit(folder: Path, mode: str) -> tuple[torch.nn.Module, list[dict], list[int]]:
     torch.manual_seed(0)
     model = models.build_model("test_resnet", 3)
@@ -114,7 +94,7 @@ def _fit(folder: Path, mode: str) -> tuple[torch.nn.Module, list[dict], list[int
     files = StageFiles(
         folder / "s.safetensors", folder / "s.last.pt", folder / "s.best.safetensors", folder / "m.jsonl"
     )
-    train, val = ImageFeed(Blobs(44, seed=0)), ImageFeed(Blobs(24, seed=1))
+    train, val = ImageFeed(BlobImages(44, seed=0)), ImageFeed(BlobImages(24, seed=1))
     steps: list[int] = []
     options = FitOptions(
         cfg, "ce", "t", 0, label="t", progress=False, on_step=lambda label, step: steps.append(step),

@@ -18,6 +18,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 import evidrift  # noqa: F401  (before timm)
+from builders import BlobImages
 from evidrift.classifier import checkpoint, models
 from evidrift.classifier.config import HeadConfig, StageConfig
 from evidrift.classifier.evaluate import evaluate_study
@@ -32,31 +33,6 @@ from evidrift.core.paths import RunPaths
 from evidrift.data.sources import load_manifest
 from evidrift.stats import classification_metrics
 from evidrift.studies.config import parse_config
-
-
-class BlobImages(torch.utils.data.Dataset):
-    """Tiny 3-class images: a bright square in the left / middle / right third, noise, seeded flips."""
-
-    def __init__(self, n: int, size: int = 32, seed: int = 0, augment: bool = False) -> None:
-        rng = np.random.default_rng(seed)
-        self.labels = rng.integers(0, 3, n)
-        self.images = rng.normal(0, 0.3, (n, 3, size, size)).astype(np.float32)
-        third = size // 3
-        for i, label in enumerate(self.labels):
-            self.images[i, :, size // 3 : 2 * size // 3, label * third : (label + 1) * third] += 2.0
-        self.seed, self.augment, self.epoch = seed, augment, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        image = torch.from_numpy(self.images[i])
-        if self.augment and np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5:
-            image = image.flip(1)  # vertical flip keeps the class
-        return {"image": image, "label": int(self.labels[i]), "id": str(i), "index": i}
 
 
 def _files(folder: Path) -> StageFiles:

@@ -1,4 +1,4 @@
-"""Radiology-style report text for phantom images (the diffusion study's prompts, DESIGN § 11).
+"""Radiology-style report text for phantom images (the diffusion study's prompts, ARCHITECTURE §11).
 
 A report is derived from an image's class and the geometry of its lesion mask:
 

@@ -1,4 +1,4 @@
-"""The diffusion study (DESIGN § 11): does fine-tuning a text-to-image model trade its cross-attention maps'
+"""The diffusion study (ARCHITECTURE §11): does fine-tuning a text-to-image model trade its attention maps'
 localization for image fidelity? Modules: ``config`` (the ``diffusion:`` section and presets), ``data``
 (phantom sets with reports, planted markers, lesion-free twins), ``models``, ``training``, ``sampling``,
 ``attention`` (capture through diffusers' attention processors), ``scores`` (localization, baselines),

@@ -1,4 +1,4 @@
-"""Cross-attention maps through diffusers' attention-processor API (DESIGN § 11).
+"""Cross-attention maps through diffusers' attention-processor API (ARCHITECTURE §11).
 
 The default ``AttnProcessor2_0`` calls ``scaled_dot_product_attention`` and never materializes the attention
 probabilities, so ``capture_cross_attention`` swaps a ``CaptureProcessor`` into every cross-attention layer

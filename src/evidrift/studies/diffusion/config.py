@@ -1,4 +1,4 @@
-"""The ``diffusion:`` section of a study file (DESIGN § 11) and its presets.
+"""The ``diffusion:`` section of a study file (ARCHITECTURE §11) and its presets.
 
 Validated like every section (``evidrift.core.config``: ``Section``, ``validate_model``): unknown keys are
 errors, and a wrong value is raised as ``ConfigError`` naming its dotted key (``diffusion.unet.channels:
@@ -132,7 +132,7 @@ class StatsSection(Section):
 
 
 class DiffusionConfig(Section):
-    """The diffusion study (DESIGN § 11). ``model``: a local Stable-Diffusion-style folder (``unet/``,
+    """The diffusion study (ARCHITECTURE §11). ``model``: a local Stable-Diffusion-style folder (``unet/``,
     ``text_encoder/``, ``scheduler/``) loaded with ``local_files_only=True`` instead of training from
     scratch (the base model; the variants are fine-tuned from it)."""
 

@@ -1,4 +1,4 @@
-"""Fidelity without downloads (DESIGN § 11): features of a classifier trained in the run on real phantoms.
+"""Fidelity without downloads (ARCHITECTURE §11): features of a classifier trained in the run on phantoms.
 
 - ``train_feature_classifier``: a ``SmallImageEncoder`` with a 5-class head trained with cross-entropy on
   the real fine-tune images; its ``dim``-wide embedding is the feature space (the analogue of the

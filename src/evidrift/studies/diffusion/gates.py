@@ -1,4 +1,4 @@
-"""Gates: do the attention maps mean anything? (DESIGN § 11). One row per gate and model in ``gates.csv``.
+"""Gates: do the attention maps mean anything? (ARCHITECTURE §11). One row per gate and model: gates.csv.
 
 - ``marker``: on test images with a planted marker, the pointing game of the ``marker`` word's map at the
   marker square. Chance = the marker's share of the image (a uniformly random argmax). Passes when the

@@ -1,4 +1,4 @@
-"""The diffusion study as a list of steps (DESIGN § 11). Run directory (under ``out``):
+"""The diffusion study as a list of steps (ARCHITECTURE §11). Run directory (under ``out``):
 
 ```
 data/{base,finetune,test}.npz       the image sets (images, masks, markers, labels, reports, ids, twins)

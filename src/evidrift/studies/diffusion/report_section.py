@@ -1,4 +1,4 @@
-"""The diffusion study's report (DESIGN § 11) through the project's report builder (``evidrift.report``:
+"""The diffusion study's report (ARCHITECTURE §11) through the project's report builder (``evidrift.report``:
 ``Section``/``Table``/``FigureWriter`` elements, the ``report.html`` template, escaped text).
 
 Sections: the verdict and gates (the trade-off is only read when every gate passes; otherwise the report

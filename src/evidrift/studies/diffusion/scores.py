@@ -1,4 +1,4 @@
-"""Localization of attention maps against the lesion masks (DESIGN § 6 metrics, ``evidrift.metrics``).
+"""Localization of attention maps against the lesion masks (ARCHITECTURE §6 metrics, ``evidrift.metrics``).
 
 ``localization_rows`` scores maps [N, S, S] against masks [N, S, S] with the project's functions (as
 ``evidrift.studies.drift.localization.localization_table`` calls them): pointing game, energy pointing

@@ -1,5 +1,5 @@
 """Training: the text encoder's contrastive pretraining, the base diffusion model and the fine-tuned
-variants (DESIGN § 11).
+variants (ARCHITECTURE §11).
 
 - ``pretrain_text_encoder``: CLIP's symmetric InfoNCE between the text encoder's report embedding (mean of
   the last hidden states over non-pad tokens, then a linear projection) and a ``SmallImageEncoder``'s image
@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel
 
 VARIANT_KINDS = ("base", "frozen", "learnable", "cross_attention")
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimizer step on ``loss``; returns its value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def pooled_text(text_encoder: CLIPTextModel, ids: Tensor) -> Tensor:
@@ -73,10 +81,7 @@ def pretrain_text_encoder(
             -(target * logits.log_softmax(dim=1)).sum(1).mean()
             - (target * logits.log_softmax(dim=0)).sum(0).mean()
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(optimizer, loss))
         if log is not None:
             log({"step": step, "loss": losses[-1]})
     text_encoder.eval()
@@ -163,10 +168,7 @@ def train_diffusion(
     for step in range(steps):
         index = torch.randperm(n, generator=generator)[: min(batch_size, n)]
         loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids[index], ucg, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(optimizer, loss))
         if log is not None:
             log({"step": step, "loss": losses[-1]})
     unet.eval()
