@@ -70,6 +70,8 @@ def test_split_fractions_must_leave_train() -> None:
             r"train\.stage0\.standardize_features applies to stage 1",
         ),
         ({"stage1": {"freeze_batchnorm": True}}, r"train\.stage1\.freeze_batchnorm applies to stage 2 only"),
+        ({"stage2": {"feature_scale": "shared"}}, r"train\.stage2\.feature_scale applies to stage 1 only"),
+        ({"stage1": {"augment": True}}, r"train\.stage1\.augment: true has no effect.*cache_features: false"),
         ({"stage0": {"image_size": 64, "image_scale": 0.5}}, r"image_size \(64\) and image_scale \(0\.5\)"),
     ],
 )
@@ -83,11 +85,12 @@ def test_stage_options_in_their_place_are_accepted() -> None:
         {
             "train": {
                 "stage0": {"image_scale": 0.5},
-                "stage1": {"standardize_features": False},
-                "stage2": {"freeze_batchnorm": True},
+                "stage1": {"standardize_features": False, "cache_features": False, "augment": True},
+                "stage2": {"freeze_batchnorm": True, "augment": False},
             }
         }
     )
+    assert config.train.stage1.augment and config.train.stage2.augment is False
     assert config.train.stage0.image_scale == 0.5
     assert config.train.stage1.standardize_features is False
     assert config.train.stage2.freeze_batchnorm

@@ -135,6 +135,16 @@ def test_feature_standardization_by_hand() -> None:
         models.feature_standardization(torch.zeros(0, 3))
 
 
+def test_shared_feature_scale_by_hand() -> None:
+    # stds 1 and 3 (population), one constant feature: one scale for all, sqrt((1 + 9) / 2)
+    features = torch.tensor([[0.0, 0.0, 7.0], [2.0, 6.0, 7.0]])
+    mean, scale = models.feature_standardization(features, shared=True)
+    assert torch.allclose(mean, torch.tensor([1.0, 3.0, 7.0]))
+    assert torch.allclose(scale, torch.full((3,), 5.0**0.5))
+    _, scale = models.feature_standardization(torch.ones(4, 3), shared=True)
+    assert torch.equal(scale, torch.ones(3))  # all constant: only shifted
+
+
 @pytest.mark.parametrize(
     "head",
     [

@@ -171,8 +171,16 @@ _OTHER_VALUES: dict[str, Any] = {
     "image_scale": 0.5,
     "max_steps_per_epoch": 4,
     "divergence_factor": 3.0,
+    "augment": False,
+    "final_lr_ratio": 0.3,
+    "feature_scale": "per_feature",
 }
-_STAGE_ONLY = {"cache_features": "stage1", "standardize_features": "stage1", "freeze_batchnorm": "stage2"}
+_STAGE_ONLY = {
+    "cache_features": "stage1",
+    "standardize_features": "stage1",
+    "feature_scale": "stage1",
+    "freeze_batchnorm": "stage2",
+}
 _CASES = [
     (stage, key)
     for stage in ("stage0", "stage1", "stage2")

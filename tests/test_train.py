@@ -327,3 +327,59 @@ def test_stage1_without_standardization_keeps_raw_features(tmp_path: Path) -> No
     assert "standardized_features" not in (
         checkpoint.read_checkpoint_meta(paths.checkpoint("test_resnet", "1")).model_extra or {}
     )
+
+
+def test_fit_ends_the_cosine_at_final_lr_ratio(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 4)
+    train = TensorFeed(x, (x[:, 0] > 0).long())
+    last_lr = {}
+    for ratio in (0.01, 0.5):
+        head = nn.Linear(4, 2)
+        cfg = StageConfig(epochs=3, batch_size=5, lr=0.1, warmup_epochs=0, final_lr_ratio=ratio)
+        files = _files(tmp_path / str(ratio))
+        options = FitOptions(cfg, "ce", "t", 0, label="t", progress=False)
+        fit(Trainee(head, head, head, head), train, train, Context(), files, options)
+        last_lr[ratio] = read_jsonl(files.metrics)[-1]["lr"]
+    # the logged lr is the last step's: 23 of 24 steps into the cosine
+    expected = {r: lr_at(23, 24, 0, 0.1, r) for r in last_lr}
+    assert last_lr == pytest.approx(expected)
+    assert last_lr[0.5] > 0.05 > 0.01 > last_lr[0.01]
+
+
+def test_new_stage_keys_enter_the_stage_hash_only_when_set(tmp_path: Path) -> None:
+    from evidrift.classifier.training import stage_hash
+
+    raw = _tiny_study_dict(tmp_path)
+    base = parse_config(raw)
+    model = base.models[0]
+    hashes = {stage: stage_hash(base, model, stage) for stage in ("0", "1", "2")}
+    explicit = json.loads(json.dumps(raw))
+    explicit["train"]["stage2"]["final_lr_ratio"] = 0.01  # the value before the key existed
+    explicit["train"]["stage2"]["augment"] = None
+    same = parse_config(explicit)
+    assert {stage: stage_hash(same, same.models[0], stage) for stage in hashes} == hashes
+    changed = json.loads(json.dumps(raw))
+    changed["train"]["stage2"]["augment"] = False
+    other = parse_config(changed)
+    assert stage_hash(other, other.models[0], "1") == hashes["1"]
+    assert stage_hash(other, other.models[0], "2") != hashes["2"]
+
+
+def test_a_stages_augment_overrides_data_augment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evidrift.classifier import training
+
+    built: list[bool] = []
+    dataset = training._dataset
+
+    def recording(*args: object, **kwargs: object) -> object:
+        built.append(bool(args[6]))  # (frame, classes, size, config, mean, std, augment, seed)
+        return dataset(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "_dataset", recording)
+    raw = _tiny_study_dict(tmp_path)
+    raw["train"]["stage0"].update(augment=False, max_steps_per_epoch=1)
+    config = parse_config(raw)
+    assert config.data.augment
+    train_study(config, RunPaths.at(tmp_path), stages=("0",), progress=False)
+    assert built == [False, False]  # train and val datasets: the stage's False wins over data.augment

@@ -71,11 +71,16 @@ class StageConfig(Section):
 
     Stage 1 only (both default to on there): ``cache_features`` computes the frozen backbone's pooled
     features once (no augmentation); ``standardize_features`` trains the head on standardized features,
-    then folds the standardization into the head's first linear layer, so the checkpoint is a plain model.
+    then folds the standardization into the head's first linear layer, so the checkpoint is a plain model;
+    ``feature_scale``: ``shared`` (one scale, the features' RMS standard deviation: low-variance features are
+    not blown up, so the folded head stays as smooth as the features) or ``per_feature``.
     ``image_size`` sets the stage's input side for every model; ``image_scale`` instead multiplies each
     model's own side (e.g. 0.5: stage 0 pretrains at half resolution, about 4x cheaper per image).
     Stage 2 only: ``freeze_batchnorm`` keeps the backbone's BatchNorm running statistics fixed while every
     weight trains (Keras' fine-tuning recipe), so fine-tuning starts from the function stage 1 ended with.
+    ``final_lr_ratio``: where the cosine schedule ends, as a fraction of ``lr``.
+    ``augment`` turns the training augmentation on or off for this stage (null: ``data.augment``); a stage
+    that caches features never augments.
     ``divergence_factor``: the stage stops with an error when an epoch's train or validation loss is
     non-finite or above this factor times the first epoch's (null: no growth check).
 
@@ -94,7 +99,10 @@ class StageConfig(Section):
     grad_clip: Annotated[float, Field(gt=0)] | None = 5.0
     cache_features: bool | None = None
     standardize_features: bool | None = None
+    feature_scale: Literal["shared", "per_feature"] | None = None
     freeze_batchnorm: bool = False
+    augment: bool | None = None
+    final_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     image_size: Annotated[int, Field(ge=16, le=1024)] | None = None
     image_scale: Annotated[float, Field(gt=0.0, le=4.0)] | None = None
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
@@ -112,12 +120,20 @@ class StageConfig(Section):
 #: Per-stage defaults, applied key by key under what a study sets (``train: {stage2: {epochs: 2}}`` keeps
 #: stage 2's lr 3e-4). Stage 0 trains from scratch: it needs optimizer steps (15 epochs of batch 16: ~450
 #: steps on the default 800 source images) for its features to transfer (measured: stage-1 test accuracy
-#: 0.46 after 15 epochs, chance level after 4-6). Stage 1 caches and standardizes its features. Stage 2
-#: keeps BatchNorm's running statistics: with batch statistics the standardized stage-1 head's input shifts
-#: and fine-tuning diverged (README, "Three training details").
+#: 0.46 after 15 epochs, chance level after 4-6); its cosine ends at 0.3 x lr, not near zero: an annealed
+#: backbone sits in a minimum so sharp that one AdamW step of 1e-5 in stage 2 tripled a batch's loss
+#: (measured on the demo's densenet201; README, "How a study runs"). Stage 1 caches its features and
+#: standardizes them with one shared scale. Stage 2 keeps BatchNorm's running statistics: with batch
+#: statistics the stage-1 head's input shifts and fine-tuning diverged.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "stage0": {"epochs": 15, "lr": 2e-3, "monitor": "val_accuracy", "batch_size": 16},
-    "stage1": {"epochs": 10, "lr": 3e-3, "cache_features": True, "standardize_features": True},
+    "stage0": {"epochs": 15, "lr": 2e-3, "monitor": "val_accuracy", "batch_size": 16, "final_lr_ratio": 0.3},
+    "stage1": {
+        "epochs": 10,
+        "lr": 3e-3,
+        "cache_features": True,
+        "standardize_features": True,
+        "feature_scale": "shared",
+    },
     "stage2": {"epochs": 6, "lr": 3e-4, "freeze_batchnorm": True},
 }
 
@@ -155,12 +171,17 @@ class TrainConfig(Section):
     def _stage1_only_options(self) -> TrainConfig:
         for name in ("stage0", "stage2"):
             stage = getattr(self, name)
-            for option in ("cache_features", "standardize_features"):
+            for option in ("cache_features", "standardize_features", "feature_scale"):
                 if getattr(stage, option):
                     raise ValueError(
                         f"train.{name}.{option} applies to stage 1 only (the frozen-backbone head); "
                         f"remove it from train.{name}"
                     )
+        if self.stage1.cache_features and self.stage1.augment:
+            raise ValueError(
+                "train.stage1.augment: true has no effect while train.stage1.cache_features is on (the "
+                "features are computed once, un-augmented); set cache_features: false to augment stage 1"
+            )
         for name in ("stage0", "stage1"):
             if getattr(self, name).freeze_batchnorm:
                 raise ValueError(

@@ -279,7 +279,7 @@ def fit(
         )  # fmt: skip
         totals = torch.zeros(2, dtype=torch.float64)
         for x, y in train_feed.iterate(batches, epoch):
-            lr = lr_at(state.step, total_steps, warmup_steps, cfg.lr)
+            lr = lr_at(state.step, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -302,7 +302,7 @@ def fit(
         record = validate(forward_eval, model, val_feed, cfg, loss, ctx, options.freezing, precision)
         record.update(
             train_loss=loss_sum / max(count, 1),
-            lr=lr_at(max(state.step - 1, 0), total_steps, warmup_steps, cfg.lr),
+            lr=lr_at(max(state.step - 1, 0), total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio),
             images_per_s=count / max(train_seconds, 1e-9),
             seconds=time.perf_counter() - started,
         )

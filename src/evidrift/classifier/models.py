@@ -168,17 +168,24 @@ def can_center(head: nn.Module) -> bool:
 
 
 def feature_standardization(
-    features: torch.Tensor, center: bool = True, eps: float = 1e-6
+    features: torch.Tensor, center: bool = True, eps: float = 1e-6, shared: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [F], scale [F]) float32 of pooled features [N, F]: the per-feature mean (zeros when not
     ``center``) and population standard deviation; a feature that is constant (std ≤ ``eps``) keeps scale 1
-    so that it is only shifted, never blown up."""
+    so that it is only shifted, never blown up. ``shared``: one scale for every feature, the root mean
+    square of the non-constant features' standard deviations (1 when all are constant), so that the
+    features keep their relative sizes and a low-variance feature is not amplified above the others."""
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be [N, F] with N ≥ 1, got {tuple(features.shape)}")
     values = features.detach().double()
     mean = values.mean(0) if center else torch.zeros(values.shape[1], dtype=torch.float64)
     std = values.std(0, unbiased=False)
-    scale = torch.where(std > eps, std, torch.ones_like(std))
+    varying = std > eps
+    if shared:
+        rms = std[varying].square().mean().sqrt() if bool(varying.any()) else torch.tensor(1.0).double()
+        scale = torch.full_like(std, float(rms))
+    else:
+        scale = torch.where(varying, std, torch.ones_like(std))
     return mean.float(), scale.float()
 
 

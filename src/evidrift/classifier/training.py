@@ -100,10 +100,21 @@ def stage_hash(config: ClassifierStudy, model_cfg: ModelConfig, stage: str) -> s
             "deterministic": config.train.deterministic,
             "precision": config.train.precision,
             "stage": stage,
-            "stage_config": stage_config(config, stage).model_dump(mode="json"),
+            "stage_config": _stage_settings(stage_config(config, stage)),
             "previous": previous,
         }
     )
+
+
+#: Stage settings added after runs existed, and their values before: hashed only when they differ, so that
+#: older runs keep their hashes (unset, ``augment`` follows ``data.augment``, which the hash covers).
+_HASHED_WHEN_SET = {"augment": None, "feature_scale": None, "final_lr_ratio": 0.01}
+
+
+def _stage_settings(cfg: StageConfig) -> dict[str, Any]:
+    """The stage's settings as hashed (``_HASHED_WHEN_SET`` only when set)."""
+    unset = {key for key, default in _HASHED_WHEN_SET.items() if getattr(cfg, key) == default}
+    return cfg.model_dump(mode="json", exclude=unset)
 
 
 def image_size_for(model_cfg: ModelConfig, stage_cfg: StageConfig) -> int:
@@ -265,7 +276,7 @@ def train_stage(
         torch.manual_seed(seed + 1)
 
         cached = caches_features(cfg, stage)
-        augment = config.data.augment and not cached
+        augment = (config.data.augment if cfg.augment is None else cfg.augment) and not cached
         pin = ctx.device.type == "cuda"
         workers = config.train.num_workers
         train_feed: Feed = ImageFeed(
@@ -304,7 +315,9 @@ def train_stage(
                         lambda x: models.pooled_features(model, x), ImageFeed(plain, workers, pin), ctx,
                         cfg.batch_size, autocast=precision.bf16, channels_last=precision.bf16,
                     )  # fmt: skip
-                extra["standardized_features"] = standardize_head(model, features)
+                shared = cfg.feature_scale != "per_feature"
+                extra["standardized_features"] = standardize_head(model, features, shared=shared)
+                extra["feature_scale"] = "shared" if shared else "per_feature"
             head_module = models.get_head(model)
             trainable = _ddp(head_module, ctx)
             forward_train: Callable[[torch.Tensor], torch.Tensor]
@@ -344,14 +357,15 @@ def standardizes_features(cfg: StageConfig, stage: str) -> bool:
     return stage == "1" and cfg.standardize_features is not False
 
 
-def standardize_head(model: nn.Module, features: torch.Tensor) -> str:
+def standardize_head(model: nn.Module, features: torch.Tensor, shared: bool = False) -> str:
     """Replace the model's head by a ``StandardizedHead`` fitted on the training features [N, F]: centred
-    and scaled, or only scaled when the head cannot absorb a shift (a bias-free linear head). Returns which
-    (``"center+scale"`` or ``"scale"``), recorded in the checkpoint's sidecar."""
+    and scaled, or only scaled when the head cannot absorb a shift (a bias-free linear head); ``shared``: one
+    scale for all features (``models.feature_standardization``). Returns which (``"center+scale"`` or
+    ``"scale"``), recorded in the checkpoint's sidecar."""
     net = models.unwrap(model)
     head = models.get_head(net)
     center = models.can_center(head)
-    mean, scale = models.feature_standardization(features, center=center)
+    mean, scale = models.feature_standardization(features, center=center, shared=shared)
     device = next(head.parameters()).device
     net.set_submodule(models.head_name(net), models.StandardizedHead(head, mean.to(device), scale.to(device)))
     return "center+scale" if center else "scale"
