@@ -152,3 +152,12 @@ def test_report_command(tmp_path: Path) -> None:
     assert str(paths.report.resolve()) in "".join(result.output.split())
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a directory" in missing.output
+
+
+def test_p_values_never_print_as_zero() -> None:
+    from evidrift.report.elements import fmt_p
+
+    assert fmt_p(0.54212) == "0.542"
+    assert fmt_p(0.001) == "0.001"
+    assert fmt_p(1.64e-06) == "1.6e-06"
+    assert fmt_p(float("nan")) == "n/a"

@@ -73,6 +73,17 @@ def fmt(value: Any, digits: int = 3) -> str:
     return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.000"
 
 
+def fmt_p(value: Any) -> str:
+    """A p-value: three decimals from 0.001 up, else scientific with two digits (never "0.000")."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return "n/a"
+    return f"{number:.3f}" if number >= 1e-3 else f"{number:.1e}"
+
+
 def fmt_ci(mean: Any, low: Any, high: Any, digits: int = 3) -> str:
     """``mean [low, high]``, or the mean alone when a bound is missing."""
     text = fmt(mean, digits)

@@ -29,6 +29,7 @@ from evidrift.report.elements import (
     ci_columns,
     fmt,
     fmt_ci,
+    fmt_p,
     ordered,
     read_csv_or_none,
 )
@@ -189,7 +190,7 @@ def classification_section(paths: RunPaths, stage_labels: Mapping[int, str], dra
                     [
                         Cell(str(r["arch"])), Cell(str(int(r["n"]))), Cell(str(int(r["only_stage1"]))),
                         Cell(str(int(r["only_stage2"]))), Cell(f"{float(r['change']):+.3f}"),
-                        Cell(fmt(r["p_mcnemar"])),
+                        Cell(fmt_p(r["p_mcnemar"])),
                     ]
                     for _, r in changes.iterrows()
                 ],
@@ -508,7 +509,7 @@ def overview_section(
                 text = f"accuracy {fmt(acc[1], 2)} at {first} → {fmt(acc[2], 2)} at {second}"
                 change = None if changes is None or changes.empty else changes[changes["arch"] == arch]
                 if change is not None and len(change):
-                    text += f" (paired McNemar p = {fmt(change['p_mcnemar'].iloc[0], 2)})"
+                    text += f" (paired McNemar p = {fmt_p(change['p_mcnemar'].iloc[0])})"
                 parts.append(text + ";")
         for metric in [m for m in (headline, "centroid_shift") if m]:
             rows = summary[(summary["arch"] == arch) & (summary["metric"] == metric)].dropna(subset=["mean"])
