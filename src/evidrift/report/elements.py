@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,13 +76,9 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def fmt_p(value: Any) -> str:
     """A p-value: three decimals from 0.001 up, else scientific with two digits (never "0.000")."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(number):
-        return "n/a"
-    return f"{number:.3f}" if number >= 1e-3 else f"{number:.1e}"
+    if isinstance(value, numbers.Real) and 0.0 <= float(value) < 1e-3:
+        return f"{float(value):.1e}"
+    return fmt(value, 3)
 
 
 def fmt_ci(mean: Any, low: Any, high: Any, digits: int = 3) -> str:
