@@ -106,14 +106,16 @@ def stage_hash(config: ClassifierStudy, model_cfg: ModelConfig, stage: str) -> s
     )
 
 
-#: Stage settings added after runs existed, and their values before: hashed only when they differ, so that
-#: older runs keep their hashes (unset, ``augment`` follows ``data.augment``, which the hash covers).
-_HASHED_WHEN_SET = {"augment": None, "feature_scale": None, "final_lr_ratio": 0.01}
+#: Stage settings added after runs existed, whose field defaults are the behaviour before: hashed only when
+#: they differ from that default, so that older runs keep their hashes (unset, ``augment`` follows
+#: ``data.augment``, which the hash covers).
+_HASHED_WHEN_SET = ("augment", "feature_scale", "final_lr_ratio")
 
 
 def _stage_settings(cfg: StageConfig) -> dict[str, Any]:
-    """The stage's settings as hashed (``_HASHED_WHEN_SET`` only when set)."""
-    unset = {key for key, default in _HASHED_WHEN_SET.items() if getattr(cfg, key) == default}
+    """The stage's settings as hashed (``_HASHED_WHEN_SET`` only when off their field default)."""
+    fields = StageConfig.model_fields
+    unset = {key for key in _HASHED_WHEN_SET if getattr(cfg, key) == fields[key].default}
     return cfg.model_dump(mode="json", exclude=unset)
 
 

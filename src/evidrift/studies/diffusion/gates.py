@@ -29,20 +29,25 @@ from evidrift.stats import describe
 MARKER_FACTOR = 3.0
 
 
-def marker_gate(maps: Tensor, markers: Tensor, n_boot: int, seed: int) -> dict[str, object]:
-    """maps [N, S, S] of the marker word, markers bool [N, S', S'] (non-empty)."""
-    pg = loc.pointing_game(maps.float(), markers).numpy()
-    chance = float(markers.float().flatten(1).mean(1).mean())
-    stats = describe(pg, n_boot=n_boot, seed=seed)
+def _gate_row(stats: dict[str, float], chance: float, threshold: float) -> dict[str, object]:
+    """One gates.csv row from a ``describe``-style summary: passes when the CI's lower bound exceeds
+    ``threshold``."""
     return {
         "value": stats["mean"],
         "ci_low": stats["ci_low"],
         "ci_high": stats["ci_high"],
         "n": stats["n"],
         "chance": chance,
-        "threshold": MARKER_FACTOR * chance,
-        "passed": bool(np.isfinite(stats["ci_low"]) and stats["ci_low"] > MARKER_FACTOR * chance),
+        "threshold": threshold,
+        "passed": bool(np.isfinite(stats["ci_low"]) and stats["ci_low"] > threshold),
     }
+
+
+def marker_gate(maps: Tensor, markers: Tensor, n_boot: int, seed: int) -> dict[str, object]:
+    """maps [N, S, S] of the marker word, markers bool [N, S', S'] (non-empty)."""
+    pg = loc.pointing_game(maps.float(), markers).numpy()
+    chance = float(markers.float().flatten(1).mean(1).mean())
+    return _gate_row(describe(pg, n_boot=n_boot, seed=seed), chance, MARKER_FACTOR * chance)
 
 
 def twin_gate(maps: Tensor, twin_maps: Tensor, masks: Tensor, n_boot: int, seed: int) -> dict[str, object]:
@@ -50,30 +55,13 @@ def twin_gate(maps: Tensor, twin_maps: Tensor, masks: Tensor, n_boot: int, seed:
     difference = (maps.float() - twin_maps.float()).clamp_min(0)
     energy = loc.energy_pointing_game(difference, masks).numpy()
     area = masks.float().flatten(1).mean(1).numpy()
-    excess = energy - area
-    stats = describe(excess, n_boot=n_boot, seed=seed)
-    return {
-        "value": stats["mean"],
-        "ci_low": stats["ci_low"],
-        "ci_high": stats["ci_high"],
-        "n": stats["n"],
-        "chance": float(np.mean(area)),
-        "threshold": 0.0,
-        "passed": bool(np.isfinite(stats["ci_low"]) and stats["ci_low"] > 0.0),
-    }
+    stats = describe(energy - area, n_boot=n_boot, seed=seed)
+    return _gate_row(stats, float(np.mean(area)), 0.0)
 
 
 def baseline_gate(difference: dict[str, float]) -> dict[str, object]:
     """From ``scores.paired_difference`` (model − baseline)."""
-    return {
-        "value": difference["mean"],
-        "ci_low": difference["ci_low"],
-        "ci_high": difference["ci_high"],
-        "n": difference["n"],
-        "chance": float("nan"),
-        "threshold": 0.0,
-        "passed": bool(np.isfinite(difference["ci_low"]) and difference["ci_low"] > 0.0),
-    }
+    return _gate_row(difference, float("nan"), 0.0)
 
 
 def verdict(gates: pd.DataFrame, models: Sequence[str]) -> tuple[str, list[str]]:
