@@ -1,7 +1,7 @@
 """Why a phantom run's maps do or do not sit on the lesions: the energy pointing game of gradcam, gradcam++
 and layercam at several layers of one stage's models, beside the uniform-map baseline, and the same for the
 part of each map the lesion causes (the map of the image minus the map of its lesion-free twin: the same
-phantom patient rendered without the lesion, ``render_phantom(..., with_lesion=False)``).
+phantom patient rendered without the lesion, ``evidrift.data.phantom.lesion_free_twin``).
 
 Reads a finished phantom run (``evidrift demo`` / ``evidrift run`` with ``data.source: phantom``); scores
 the test images with a lesion, each explained for its label, at the analysis size of the drift step (64 px).
@@ -27,7 +27,7 @@ import evidrift.core.compat  # noqa: F401  (before torchvision/timm)
 from evidrift.cam import CAMEngine
 from evidrift.classifier.checkpoint import load_checkpoint
 from evidrift.data.dataset import ManifestDataset
-from evidrift.data.phantom import render_phantom, to_png_bytes
+from evidrift.data.phantom import lesion_free_twin, to_png_bytes
 from evidrift.data.readers import read_mask
 from evidrift.metrics.localization import energy_pointing_game
 
@@ -49,13 +49,10 @@ def lesion_test_images(run: Path) -> tuple[pd.DataFrame, list[str]]:
 def lesion_free_twins(run: Path, frame: pd.DataFrame, out: Path) -> pd.DataFrame:
     """``frame`` with each image replaced by its lesion-free twin, rendered into ``out`` (PNG, 8-bit)."""
     params = json.loads((run / "data" / "phantoms" / "params.json").read_text())
-    seeds = np.random.SeedSequence(params["seed"]).spawn(params["n"])
     paths = []
     for row in frame.itertuples():
         index = int(str(row.id).rsplit("_", 1)[1])
-        image, _ = render_phantom(
-            str(row.label), np.random.default_rng(seeds[index]), params["size"], with_lesion=False
-        )
+        image = lesion_free_twin(str(row.label), index, params["n"], params["size"], params["seed"])
         path = out / f"{index:05d}.png"
         path.write_bytes(to_png_bytes(image))
         paths.append(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from evidrift.core.errors import UsageError
 from evidrift.data.phantom import (
     CLASSES,
     generate_phantom_set,
@@ -231,3 +233,25 @@ def test_procedural_primitives_by_hand() -> None:
     np.testing.assert_array_equal(noise, smooth_noise(np.random.default_rng(3), 64, 8))  # deterministic
     assert 0.4 < float(noise.std()) < 1.2
     assert float(np.abs(np.diff(noise, axis=1)).max()) < 1.0  # band-limited: no pixel-to-pixel jumps
+
+
+def test_lesion_free_twin_equals_the_generated_image_outside_its_mask(tiny_phantom_set: Path) -> None:
+    from PIL import Image
+
+    from evidrift.data.phantom import lesion_free_twin, to_png_bytes
+
+    frame = pd.read_csv(tiny_phantom_set)
+    root = tiny_phantom_set.parent
+    lesion_rows = [row for row in frame.itertuples() if row.label != "normal"]
+    assert lesion_rows
+    for row in lesion_rows:
+        index = int(str(row.patient_id).rsplit("-", 1)[1])
+        twin = lesion_free_twin(str(row.label), index, n=20, size=64, seed=0)
+        quantized = np.asarray(Image.open(io.BytesIO(to_png_bytes(twin))))
+        image = np.asarray(Image.open(root / str(row.path)))
+        mask = np.asarray(Image.open(root / str(row.mask))) > 0
+        assert mask.any()
+        np.testing.assert_array_equal(quantized[~mask], image[~mask])
+        assert (quantized[mask] != image[mask]).mean() > 0.5  # the lesion changes its pixels
+    with pytest.raises(UsageError, match="not in a set of 20"):
+        lesion_free_twin("covid19", 20, n=20, size=64, seed=0)

@@ -433,7 +433,7 @@ def generate_phantom_set(
         raise UsageError(f"shortcut_marker is a probability in [0, 1], got {shortcut_marker}")
     root = Path(out_dir)
     prepare_class_folders(root, CLASSES, ("images", "masks"))
-    seeds = np.random.SeedSequence(seed).spawn(n)
+    seeds = _image_seeds(seed, n)
     markers = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).random(n) < shortcut_marker
     jobs = [(i, CLASSES[i % len(CLASSES)], seeds[i], size, bool(markers[i]), str(root)) for i in range(n)]
     workers = default_workers(n) if workers is None else max(1, workers)
@@ -449,6 +449,23 @@ def generate_phantom_set(
     manifest = write_csv_atomic(root / "manifest.csv", frame)
     write_json_atomic(root / "params.json", params)
     return manifest
+
+
+def _image_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
+    """The seed of each image of a set of ``n`` generated with ``seed``: image i uses the i-th child."""
+    return np.random.SeedSequence(seed).spawn(n)
+
+
+def lesion_free_twin(label: str, index: int, n: int, size: int, seed: int) -> np.ndarray:
+    """Image ``index`` (class ``label``) of the set ``generate_phantom_set(n=n, size=size, seed=seed)``
+    rendered without its lesion: float32 [S, S] in [0, 1], equal to that image everywhere outside its mask
+    (before 8-bit quantization, and without a shortcut marker). Raises UsageError for an index not in the set.
+    """
+    if not 0 <= index < n:
+        raise UsageError(f"image index {index} is not in a set of {n} phantoms (0 <= index < n)")
+    rng = np.random.default_rng(_image_seeds(seed, n)[index])
+    image, _ = render_phantom(label, rng, size, with_lesion=False)
+    return image
 
 
 def phantom_params(
