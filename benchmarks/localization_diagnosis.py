@@ -18,37 +18,36 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 import evidrift.core.compat  # noqa: F401  (before torchvision/timm)
 from evidrift.cam import CAMEngine
 from evidrift.classifier.checkpoint import load_checkpoint
+from evidrift.core.paths import RunPaths
 from evidrift.data.dataset import ManifestDataset
 from evidrift.data.phantom import lesion_free_twin, to_png_bytes
-from evidrift.data.readers import read_mask
+from evidrift.data.sources import load_manifest
 from evidrift.metrics.localization import energy_pointing_game
+from evidrift.studies.drift.localization import _ground_truth_at
 
 METHODS = ("gradcam", "gradcam++", "layercam")
 ANALYSIS_SIZE = 64
 
 
-def lesion_test_images(run: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The run's test images that have a lesion (manifest rows) and the class names."""
-    frame = pd.read_parquet(run / "data" / "manifest.parquet")
-    classes = json.loads((run / "data" / "classes.json").read_text())
-    classes = classes["classes"] if isinstance(classes, dict) else classes
-    keep = (frame["split"] == "test") & (frame["status"] == "ok") & frame["mask_path"].fillna("").ne("")
-    chosen = frame[keep].reset_index(drop=True)
-    masks = [read_mask(p) for p in chosen["mask_path"]]
-    return chosen[[bool(np.asarray(m).any()) for m in masks]].reset_index(drop=True), list(classes)
+def lesion_test_images(paths: RunPaths) -> tuple[pd.DataFrame, list[str], torch.Tensor]:
+    """The run's test images that have a lesion (manifest rows), the class names and the masks bool
+    [N, 64, 64] at the analysis size, with the drift step's geometry (``_ground_truth_at``)."""
+    frame, classes = load_manifest(paths)
+    test = frame[(frame["split"] == "test") & (frame["status"] == "ok")].reset_index(drop=True)
+    truth = _ground_truth_at(test, ANALYSIS_SIZE, "pad")
+    chosen = test[test["id"].astype(str).isin(truth)].reset_index(drop=True)
+    return chosen, classes, torch.stack([truth[str(i)].mask for i in chosen["id"]])
 
 
 def lesion_free_twins(run: Path, frame: pd.DataFrame, out: Path) -> pd.DataFrame:
     """``frame`` with each image replaced by its lesion-free twin, rendered into ``out`` (PNG, 8-bit)."""
-    params = json.loads((run / "data" / "phantoms" / "params.json").read_text())
+    params = json.loads((run / "data" / "phantoms" / "params.json").read_text())  # generate_phantom_set
     paths = []
     for row in frame.itertuples():
         index = int(str(row.id).rsplit("_", 1)[1])
@@ -85,9 +84,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    frame, classes = lesion_test_images(args.run)
-    masks = torch.stack([torch.as_tensor(np.asarray(read_mask(p))) for p in frame["mask_path"]]).float()
-    at_size = F.interpolate(masks[:, None], size=(ANALYSIS_SIZE, ANALYSIS_SIZE), mode="area")[:, 0] > 0.5
+    paths = RunPaths.at(args.run)
+    frame, classes, at_size = lesion_test_images(paths)
     baseline = at_size.float().mean().item()
     print(f"{len(frame)} test images with a lesion; uniform-map baseline (mean mask fraction) {baseline:.4f}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +93,7 @@ def main() -> None:
         for spec in args.layers:
             arch, _, names = spec.partition("=")
             layers = names.split(",")
-            checkpoint = args.run / "models" / arch / f"stage{args.stage}.safetensors"
+            checkpoint = paths.checkpoint(arch, args.stage)
             model, meta = load_checkpoint(checkpoint, map_location="cpu")
             model.eval()
             size, mean, std = meta.preprocessing(checkpoint)
